@@ -1,0 +1,333 @@
+"""Fusion of image tokens and text tokens, chosen by name: the registry the models, CLI and ablation share.
+
+Every fusion is called the same way::
+
+    out = fusion(image_tokens, text_tokens, *, image_mask=None, text_mask=None, need_weights=False)
+
+    image_tokens: (B, Ni, image_dim)   image_mask: (B, Ni) bool, True = keep
+    text_tokens:  (B, Nt, text_dim)    text_mask:  (B, Nt) bool, True = keep
+    out.pooled: (B, fusion.out_dim)    out.tokens: (B, N, out_dim) | None    out.attention: see below
+
+``out.attention`` (only with ``need_weights=True``, else None) holds the weights of the fusion's main
+cross-modal attention, from its last block; H = num_heads:
+
+- ``cross_attention``: text -> image, (B, H, Nt, Ni);
+- ``gated_cross_attention``: text -> image in the last gated block, (B, H, Nt, Ni);
+- ``fusion_transformer``: text -> image in the last co-attention block, (B, H, Nt, Ni);
+- ``attention_pooling``: latents -> [image tokens; text tokens], (B, H, Q, Ni + Nt);
+- ``self_attention``: [image; text] -> [image; text], (B, H, Ni + Nt, Ni + Nt);
+- ``concat``, ``late``, ``product``, ``text_only``, ``image_only``: None, they have no attention.
+
+``create(name, image_dim=..., text_dim=..., dim=..., ...)`` passes each fusion the common arguments
+it uses (``dim, num_heads, depth, dropout, impl, attn_options``) and ignores the rest; any other
+keyword argument must be one the fusion declares, else ``TypeError``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mmfuse.layers.attention_pool import AttentionPooling
+from mmfuse.layers.common import check_mask, check_tokens, concat_masks, init_linear, masked_mean
+from mmfuse.layers.cross_attention import AttentionBlock, apply_blocks
+from mmfuse.layers.fusion_transformer import FusionTransformer
+from mmfuse.layers.gated import GatedCrossAttention
+from mmfuse.layers.self_fusion import ModalitySelfAttention, ModalityTokens
+
+__all__ = ["Fusion", "FusionOutput", "available", "create", "register"]
+
+
+@dataclass
+class FusionOutput:
+    """``pooled`` (B, D) feeds the answer head; ``tokens`` (B, N, D) and ``attention`` may be None."""
+
+    pooled: Tensor
+    tokens: Tensor | None = None
+    attention: Tensor | None = None
+
+
+_REGISTRY: dict[str, type[Fusion]] = {}
+
+
+def register(name: str) -> Callable[[type[Fusion]], type[Fusion]]:
+    """Class decorator: make a :class:`Fusion` available to :func:`create` under ``name``."""
+
+    def wrap(cls: type[Fusion]) -> type[Fusion]:
+        if name in _REGISTRY:
+            raise ValueError(f"fusion {name!r} is already registered (by {_REGISTRY[name].__name__})")
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available() -> list[str]:
+    """Names accepted by :func:`create`, sorted."""
+    return sorted(_REGISTRY)
+
+
+def create(name: str, *, image_dim: int, text_dim: int, dim: int = 256, num_heads: int = 8, depth: int = 1,
+           dropout: float = 0.1, impl: str = "auto", attn_options: dict | None = None, **kwargs) -> Fusion:
+    """Build the fusion registered as ``name``; see the module docstring for the arguments."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown fusion {name!r}; choose one of {available()}")
+    cls = _REGISTRY[name]
+    accepted = inspect.signature(cls).parameters
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(f"fusion {name!r} got unexpected arguments {unknown}; it accepts {sorted(accepted)}")
+    common = {"dim": dim, "num_heads": num_heads, "depth": depth, "dropout": dropout, "impl": impl,
+              "attn_options": attn_options}
+    common = {k: v for k, v in common.items() if k in accepted}
+    return cls(image_dim=image_dim, text_dim=text_dim, **common, **kwargs)
+
+
+class Fusion(nn.Module):
+    """Base of every fusion: remembers the input widths and ``out_dim``, checks the inputs."""
+
+    def __init__(self, *, image_dim: int, text_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.image_dim = image_dim
+        self.text_dim = text_dim
+        self.out_dim = out_dim
+
+    def check_inputs(self, image_tokens: Tensor, text_tokens: Tensor, image_mask: Tensor | None,
+                     text_mask: Tensor | None) -> None:
+        check_tokens(image_tokens, self.image_dim, "image_tokens", seq="Ni")
+        check_tokens(text_tokens, self.text_dim, "text_tokens", batch=image_tokens.shape[0], seq="Nt")
+        check_mask(image_mask, image_tokens, "image_mask")
+        check_mask(text_mask, text_tokens, "text_mask")
+
+
+def _mlp(in_dim: int, dim: int, dropout: float) -> nn.Sequential:
+    mlp = nn.Sequential(nn.Linear(in_dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim))
+    init_linear(mlp[0])
+    init_linear(mlp[3])
+    return mlp
+
+
+# --- Baselines on pooled vectors: each modality is masked-mean-pooled before it meets the other. ---
+
+
+@register("concat")
+class ConcatFusion(Fusion):
+    """``act(Linear([mean(image); mean(text)]))``: MMF's ConcatBERT, without attention."""
+
+    def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, dropout: float = 0.1) -> None:
+        super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
+        self.proj = nn.Linear(image_dim + text_dim, dim)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+        init_linear(self.proj)
+
+    def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
+                text_mask: Tensor | None = None, need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask)
+        both = torch.cat([masked_mean(image_tokens, image_mask), masked_mean(text_tokens, text_mask)], dim=-1)
+        return FusionOutput(self.drop(self.act(self.proj(both))))  # (B, dim)
+
+
+@register("late")
+class LateFusion(Fusion):
+    """Two unimodal MLP heads, ``pooled = (head_image(mean(image)) + head_text(mean(text))) / 2``.
+
+    A linear classifier ``W pooled + b`` is then exactly the average of the two unimodal heads'
+    logits ``W head + b``: late fusion with a shared classifier. The heads are those of
+    ``image_only`` and ``text_only``.
+    """
+
+    def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, dropout: float = 0.1) -> None:
+        super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
+        self.image_head = _mlp(image_dim, dim, dropout)
+        self.text_head = _mlp(text_dim, dim, dropout)
+
+    def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
+                text_mask: Tensor | None = None, need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask)
+        image = self.image_head(masked_mean(image_tokens, image_mask))  # (B, dim)
+        text = self.text_head(masked_mean(text_tokens, text_mask))  # (B, dim)
+        return FusionOutput((image + text) / 2)
+
+
+@register("product")
+class ProductFusion(Fusion):
+    """``tanh(Linear(mean(image))) * tanh(Linear(mean(text)))``: the easy-VQA reference model's fusion."""
+
+    def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, dropout: float = 0.1) -> None:
+        super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
+        self.image_proj = nn.Linear(image_dim, dim)
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.drop = nn.Dropout(dropout)
+        init_linear(self.image_proj)
+        init_linear(self.text_proj)
+
+    def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
+                text_mask: Tensor | None = None, need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask)
+        image = torch.tanh(self.image_proj(masked_mean(image_tokens, image_mask)))  # (B, dim)
+        text = torch.tanh(self.text_proj(masked_mean(text_tokens, text_mask)))  # (B, dim)
+        return FusionOutput(self.drop(image * text))
+
+
+@register("text_only")
+class TextOnlyFusion(Fusion):
+    """No fusion, for ablations: the text head of ``late``; the image is ignored."""
+
+    def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, dropout: float = 0.1) -> None:
+        super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
+        self.text_head = _mlp(text_dim, dim, dropout)
+
+    def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
+                text_mask: Tensor | None = None, need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask)
+        return FusionOutput(self.text_head(masked_mean(text_tokens, text_mask)))
+
+
+@register("image_only")
+class ImageOnlyFusion(Fusion):
+    """No fusion, for ablations: the image head of ``late``; the question is ignored."""
+
+    def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, dropout: float = 0.1) -> None:
+        super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
+        self.image_head = _mlp(image_dim, dim, dropout)
+
+    def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
+                text_mask: Tensor | None = None, need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask)
+        return FusionOutput(self.image_head(masked_mean(image_tokens, image_mask)))
+
+
+# --- Attention fusions: tokens of one modality attend over the tokens of the other. ---
+
+
+@register("cross_attention")
+class CrossAttentionFusion(Fusion):
+    """Text tokens (projected to ``dim``) query the image tokens through ``depth`` pre-norm
+    cross-attention + feed-forward blocks; final LayerNorm; pooled = masked mean of the text tokens."""
+
+    def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, num_heads: int = 8, depth: int = 1,
+                 mlp_ratio: float = 4.0, dropout: float = 0.1, impl: str = "auto",
+                 attn_options: dict | None = None) -> None:
+        super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.blocks = nn.ModuleList(
+            AttentionBlock(dim, context_dim=image_dim, self_attention=False, num_heads=num_heads,
+                           mlp_ratio=mlp_ratio, dropout=dropout, impl=impl, attn_options=attn_options)
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        init_linear(self.text_proj)
+
+    def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
+                text_mask: Tensor | None = None, need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask)
+        text, weights = apply_blocks(self.blocks, self.text_proj(text_tokens), image_tokens,
+                                     context_mask=image_mask, need_weights=need_weights)
+        text = self.norm(text)  # (B, Nt, dim)
+        return FusionOutput(masked_mean(text, text_mask), text, weights)
+
+
+@register("attention_pooling")
+class AttentionPoolingFusion(Fusion):
+    """``num_queries`` latents attend over [image tokens; text tokens] (each projected to ``dim`` and
+    tagged with a modality-type embedding); pooled = mean of the latents, tokens = the latents."""
+
+    def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, num_heads: int = 8, depth: int = 1,
+                 num_queries: int = 32, mlp_ratio: float = 4.0, dropout: float = 0.1, impl: str = "auto",
+                 attn_options: dict | None = None) -> None:
+        super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
+        self.embed = ModalityTokens(image_dim, text_dim, dim=dim, dropout=dropout)
+        self.pool = AttentionPooling(dim, num_queries=num_queries, num_heads=num_heads, depth=depth,
+                                     mlp_ratio=mlp_ratio, dropout=dropout, impl=impl,
+                                     attn_options=attn_options)
+
+    def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
+                text_mask: Tensor | None = None, need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask)
+        tokens, mask = self.embed(image_tokens, text_tokens, image_mask=image_mask, text_mask=text_mask)
+        latents, weights = self.pool(tokens, mask=mask, need_weights=need_weights)  # (B, Q, dim)
+        return FusionOutput(latents.mean(dim=1), latents, weights)
+
+
+@register("self_attention")
+class SelfAttentionFusion(Fusion):
+    """:class:`~mmfuse.layers.ModalitySelfAttention` over [image; text]; pooled = masked mean of all
+    kept tokens of both modalities."""
+
+    def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, num_heads: int = 8, depth: int = 1,
+                 mlp_ratio: float = 4.0, dropout: float = 0.1, impl: str = "auto",
+                 attn_options: dict | None = None) -> None:
+        super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
+        self.encoder = ModalitySelfAttention(image_dim, text_dim, dim=dim, num_heads=num_heads, depth=depth,
+                                             mlp_ratio=mlp_ratio, dropout=dropout, impl=impl,
+                                             attn_options=attn_options)
+
+    def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
+                text_mask: Tensor | None = None, need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask)
+        tokens, weights = self.encoder(image_tokens, text_tokens, image_mask=image_mask, text_mask=text_mask,
+                                       need_weights=need_weights)  # (B, Ni + Nt, dim)
+        mask = concat_masks([image_mask, text_mask], [image_tokens, text_tokens])
+        return FusionOutput(masked_mean(tokens, mask), tokens, weights)
+
+
+@register("gated_cross_attention")
+class GatedCrossAttentionFusion(Fusion):
+    """``depth`` x (text self-attention block, :class:`~mmfuse.layers.GatedCrossAttention` over the
+    image tokens); final LayerNorm; pooled = masked mean of the text tokens.
+
+    The gates start closed, so at initialisation the output does not depend on the image at all;
+    training opens them (Flamingo).
+    """
+
+    def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, num_heads: int = 8, depth: int = 1,
+                 mlp_ratio: float = 4.0, dropout: float = 0.1, impl: str = "auto",
+                 attn_options: dict | None = None) -> None:
+        super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        kwargs = {"num_heads": num_heads, "mlp_ratio": mlp_ratio, "dropout": dropout, "impl": impl,
+                  "attn_options": attn_options}
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            self.blocks.append(AttentionBlock(dim, **kwargs))
+            self.blocks.append(GatedCrossAttention(dim, image_dim, **kwargs))
+        self.norm = nn.LayerNorm(dim)
+        init_linear(self.text_proj)
+
+    def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
+                text_mask: Tensor | None = None, need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask)
+        text, weights = apply_blocks(self.blocks, self.text_proj(text_tokens), image_tokens, mask=text_mask,
+                                     context_mask=image_mask, need_weights=need_weights)
+        text = self.norm(text)  # (B, Nt, dim)
+        return FusionOutput(masked_mean(text, text_mask), text, weights)
+
+
+@register("fusion_transformer")
+class TransformerFusion(Fusion):
+    """:class:`~mmfuse.layers.FusionTransformer` (co-attention blocks); pooled = masked mean of the
+    text tokens."""
+
+    def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, num_heads: int = 8, depth: int = 1,
+                 mlp_ratio: float = 4.0, dropout: float = 0.1, impl: str = "auto",
+                 attn_options: dict | None = None) -> None:
+        super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
+        self.encoder = FusionTransformer(text_dim, image_dim, dim=dim, num_heads=num_heads, depth=depth,
+                                         mlp_ratio=mlp_ratio, dropout=dropout, impl=impl,
+                                         attn_options=attn_options)
+
+    def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
+                text_mask: Tensor | None = None, need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask)
+        text, weights = self.encoder(text_tokens, image_tokens, text_mask=text_mask, image_mask=image_mask,
+                                     need_weights=need_weights)  # (B, Nt, dim)
+        return FusionOutput(masked_mean(text, text_mask), text, weights)

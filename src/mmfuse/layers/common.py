@@ -1,0 +1,85 @@
+"""Small pieces shared by the fusion layers: shape checks, masks, masked mean pooling, the MLP.
+
+Shapes::
+
+    B  batch   N  tokens   C  channels
+    x: (B, N, C)   mask: (B, N) bool, True = keep
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mmfuse.attention import check_key_padding_mask
+
+__all__ = ["FeedForward", "check_mask", "check_tokens", "concat_masks", "init_linear", "masked_mean"]
+
+
+def check_tokens(x: Tensor, dim: int, name: str, *, batch: int | None = None, seq: str = "N") -> None:
+    """Raise ``ValueError`` unless ``x`` is (B, N, dim), with B == ``batch`` when given.
+
+    The message names the expected and the received shape, e.g.
+    ``context must have shape (B, Nk, 64), got (2, 5, 32)``.
+    """
+    if x.dim() != 3 or x.shape[-1] != dim or (batch is not None and x.shape[0] != batch):
+        expected = f"({'B' if batch is None else batch}, {seq}, {dim})"
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
+
+
+def check_mask(mask: Tensor | None, x: Tensor, name: str) -> None:
+    """Raise ``ValueError`` unless ``mask`` is None or a (B, N) bool mask for the tokens ``x``."""
+    check_key_padding_mask(mask, x.shape[0], x.shape[1], name)
+
+
+def concat_masks(masks: list[Tensor | None], tokens: list[Tensor]) -> Tensor | None:
+    """The key-padding mask of ``torch.cat(tokens, dim=1)``; a missing mask keeps every token."""
+    if all(m is None for m in masks):
+        return None
+    return torch.cat(
+        [torch.ones(t.shape[:2], dtype=torch.bool, device=t.device) if m is None else m
+         for m, t in zip(masks, tokens, strict=True)],
+        dim=1,
+    )  # (B, sum N)
+
+
+def masked_mean(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean of the kept tokens: (B, N, C) -> (B, C). A sample with no kept token gets zeros."""
+    if mask is None:
+        return x.mean(dim=1)
+    keep = mask.unsqueeze(-1).to(x.dtype)  # (B, N, 1)
+    # clamp: an all-masked sample divides 0 by 1, giving zeros and finite gradients.
+    return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
+
+
+def init_linear(linear: nn.Linear) -> None:
+    """Xavier-uniform weight, zero bias: the initialisation of every projection in mmfuse.layers."""
+    nn.init.xavier_uniform_(linear.weight)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: Linear -> GELU -> Dropout -> Linear -> Dropout.
+
+    ``(..., dim) -> (..., out_dim or dim)`` with ``int(dim * mlp_ratio)`` hidden units.
+    """
+
+    def __init__(self, dim: int, *, mlp_ratio: float = 4.0, out_dim: int | None = None,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        if hidden < 1:
+            raise ValueError(f"dim * mlp_ratio must be >= 1, got dim={dim}, mlp_ratio={mlp_ratio}")
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, out_dim or dim)
+        self.drop = nn.Dropout(dropout)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        init_linear(self.fc1)
+        init_linear(self.fc2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))

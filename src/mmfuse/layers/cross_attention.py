@@ -1,0 +1,165 @@
+"""Multi-head cross-attention, and the pre-norm transformer block every fusion layer is built from.
+
+Shapes::
+
+    B   batch          H   heads         Dh  head dimension (dim // H)
+    Nq  queries        Nk  context tokens (keys / values)
+
+    x: (B, Nq, query_dim)   context: (B, Nk, context_dim)   context_mask: (B, Nk) bool, True = keep
+    out: (B, Nq, out_dim)   weights: (B, H, Nq, Nk), each row sums to 1 over the kept context tokens
+
+Self-attention is ``CrossAttention(d, d)`` called as ``attn(x, x, context_mask=mask)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mmfuse.attention import Attention
+from mmfuse.layers.common import FeedForward, check_mask, check_tokens, init_linear
+
+__all__ = ["AttentionBlock", "CrossAttention", "apply_blocks"]
+
+
+class CrossAttention(nn.Module):
+    """Queries from ``x`` attend over ``context``; the two may have different widths.
+
+    ``dim`` is the total width of the attention (``num_heads`` heads of ``dim // num_heads``) and
+    defaults to ``query_dim``. ``dropout`` drops attention probabilities in training, as
+    ``torch.nn.MultiheadAttention`` does. ``impl`` and ``attn_options`` choose the attention
+    implementation (see :mod:`mmfuse.attention`).
+
+    A sample whose context is entirely masked gets an output of zeros (not ``out_proj.bias``): no
+    context, no message, so a residual block adds nothing for it.
+    """
+
+    def __init__(self, query_dim: int, context_dim: int, *, dim: int | None = None, num_heads: int = 8,
+                 out_dim: int | None = None, qkv_bias: bool = True, dropout: float = 0.0,
+                 impl: str = "auto", attn_options: dict | None = None) -> None:
+        super().__init__()
+        dim = query_dim if dim is None else dim
+        if num_heads < 1 or dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.query_dim = query_dim
+        self.context_dim = context_dim
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.out_dim = out_dim or query_dim
+        self.q_proj = nn.Linear(query_dim, dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(context_dim, dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(context_dim, dim, bias=qkv_bias)
+        self.attn = Attention(impl=impl, dropout=dropout, **(attn_options or {}))
+        self.out_proj = nn.Linear(dim, self.out_dim)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            init_linear(proj)
+
+    def forward(self, x: Tensor, context: Tensor, *, context_mask: Tensor | None = None,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        check_tokens(x, self.query_dim, "x", seq="Nq")
+        B, Nq, _ = x.shape
+        check_tokens(context, self.context_dim, "context", batch=B, seq="Nk")
+        check_mask(context_mask, context, "context_mask")
+        Nk = context.shape[1]
+        H, Dh = self.num_heads, self.head_dim
+
+        q = self.q_proj(x).view(B, Nq, H, Dh).transpose(1, 2)  # (B, H, Nq, Dh)
+        k = self.k_proj(context).view(B, Nk, H, Dh).transpose(1, 2)  # (B, H, Nk, Dh)
+        v = self.v_proj(context).view(B, Nk, H, Dh).transpose(1, 2)  # (B, H, Nk, Dh)
+        out, weights = self.attn(q, k, v, key_padding_mask=context_mask, need_weights=need_weights)
+        out = self.out_proj(out.transpose(1, 2).reshape(B, Nq, self.dim))  # (B, Nq, out_dim)
+        if context_mask is not None:
+            out = out.masked_fill(~context_mask.any(dim=1)[:, None, None], 0.0)
+        return out, weights
+
+    def extra_repr(self) -> str:
+        return (f"query_dim={self.query_dim}, context_dim={self.context_dim}, dim={self.dim}, "
+                f"num_heads={self.num_heads}")
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm transformer block: [self-attention] -> [cross-attention] -> feed-forward.
+
+    Each step is residual: ``x = x + step(LayerNorm(x))``; the context is layer-normed too. The
+    self-attention step is present when ``self_attention`` is true, the cross-attention step when
+    ``context_dim`` is given. With ``gated=True`` every residual branch is scaled by ``tanh(gate)``
+    with the gate starting at zero (Flamingo), so the block starts as the identity.
+
+    ``forward(x, context=None, *, mask=None, context_mask=None, need_weights=False)`` returns
+    ``(x, weights)``: ``mask`` is the key-padding mask of ``x`` (for self-attention), and ``weights``
+    are those of the cross-attention when there is one, else of the self-attention.
+    """
+
+    def __init__(self, dim: int, *, context_dim: int | None = None, self_attention: bool = True,
+                 num_heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.0, gated: bool = False,
+                 impl: str = "auto", attn_options: dict | None = None) -> None:
+        super().__init__()
+        if context_dim is None and not self_attention:
+            raise ValueError("an AttentionBlock needs self-attention, cross-attention (context_dim) or both")
+        self.dim = dim
+        self.context_dim = context_dim
+        attn_kwargs = {"num_heads": num_heads, "dropout": dropout, "impl": impl, "attn_options": attn_options}
+        cross = context_dim is not None
+
+        self.norm_self = nn.LayerNorm(dim) if self_attention else None
+        self.self_attn = CrossAttention(dim, dim, **attn_kwargs) if self_attention else None
+        self.norm_cross = nn.LayerNorm(dim) if cross else None
+        self.norm_context = nn.LayerNorm(context_dim) if cross else None
+        self.cross_attn = CrossAttention(dim, context_dim, **attn_kwargs) if cross else None
+        self.norm_ff = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, mlp_ratio=mlp_ratio, dropout=dropout)
+        self.drop = nn.Dropout(dropout)
+        self.gate_self = nn.Parameter(torch.zeros(1)) if gated and self_attention else None
+        self.gate_cross = nn.Parameter(torch.zeros(1)) if gated and cross else None
+        self.gate_ff = nn.Parameter(torch.zeros(1)) if gated else None
+
+    def init_weights(self) -> None:
+        """Gates back to zero; the attention and MLP layers initialise themselves."""
+        for gate in (self.gate_self, self.gate_cross, self.gate_ff):
+            if gate is not None:
+                nn.init.zeros_(gate)
+
+    @staticmethod
+    def _add(x: Tensor, branch: Tensor, gate: Tensor | None) -> Tensor:
+        return x + (branch if gate is None else torch.tanh(gate) * branch)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, *, mask: Tensor | None = None,
+                context_mask: Tensor | None = None,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        check_tokens(x, self.dim, "x")
+        check_mask(mask, x, "mask")
+        if (context is None) != (self.cross_attn is None):
+            raise ValueError("context must be given exactly when the block has cross-attention (context_dim)")
+        weights = None
+        if self.self_attn is not None:
+            h = self.norm_self(x)
+            h, weights = self.self_attn(h, h, context_mask=mask,
+                                        need_weights=need_weights and self.cross_attn is None)
+            x = self._add(x, self.drop(h), self.gate_self)
+        if self.cross_attn is not None:
+            check_tokens(context, self.context_dim, "context", batch=x.shape[0], seq="Nk")
+            h, weights = self.cross_attn(self.norm_cross(x), self.norm_context(context),
+                                         context_mask=context_mask, need_weights=need_weights)
+            x = self._add(x, self.drop(h), self.gate_cross)
+        x = self._add(x, self.ff(self.norm_ff(x)), self.gate_ff)
+        return x, weights
+
+
+def apply_blocks(blocks: nn.ModuleList, x: Tensor, context: Tensor | None = None, *,
+                 mask: Tensor | None = None, context_mask: Tensor | None = None,
+                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Run a stack of :class:`AttentionBlock` s; ``context`` goes to those with cross-attention.
+
+    Returns ``(x, weights of the last block | None)``; only the last block is asked for weights, so
+    the others keep the fused attention path.
+    """
+    weights = None
+    for i, block in enumerate(blocks):
+        last = i == len(blocks) - 1
+        x, weights = block(x, context if block.cross_attn is not None else None, mask=mask,
+                           context_mask=context_mask, need_weights=need_weights and last)
+    return x, weights

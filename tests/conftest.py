@@ -1,0 +1,23 @@
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def seed() -> None:
+    """Every test starts from the same random state."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def single_thread() -> Iterator[None]:
+    """One intra-op thread for tests on tiny tensors.
+
+    Their cost is per-op overhead, which a second thread cannot cut; on a busy machine, waking it
+    costs a scheduler slice per op and made a float64 gradcheck 10-20x slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,47 @@
+"""Shared pieces: masked mean pooling, mask concatenation, shape checks, the MLP."""
+
+import re
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from mmfuse.layers.common import FeedForward, check_tokens, concat_masks, masked_mean
+
+
+def test_masked_mean_averages_kept_tokens_only():
+    x = torch.arange(12.0).view(2, 3, 2)
+    mask = torch.tensor([[True, False, True], [False, True, False]])
+    assert_close(masked_mean(x, mask), torch.tensor([[2.0, 3.0], [8.0, 9.0]]))
+    assert_close(masked_mean(x), x.mean(1))
+
+
+def test_masked_mean_of_nothing_is_zero_with_finite_gradients():
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    mask = torch.tensor([[False] * 3, [True, True, False]])
+    out = masked_mean(x, mask)
+    assert (out[0] == 0).all()
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert (x.grad[0] == 0).all() and (x.grad[1, 2] == 0).all()
+
+
+def test_concat_masks():
+    a, b = torch.zeros(2, 3, 1), torch.zeros(2, 2, 1)
+    assert concat_masks([None, None], [a, b]) is None
+    mask = concat_masks([None, torch.tensor([[True, False], [False, False]])], [a, b])
+    assert mask.tolist() == [[True, True, True, True, False], [True, True, True, False, False]]
+
+
+def test_check_tokens_message_names_both_shapes():
+    with pytest.raises(ValueError, match=re.escape("context must have shape (B, Nk, 64), got (2, 5, 32)")):
+        check_tokens(torch.zeros(2, 5, 32), 64, "context", seq="Nk")
+    with pytest.raises(ValueError, match=re.escape("x must have shape (3, N, 4), got (2, 5, 4)")):
+        check_tokens(torch.zeros(2, 5, 4), 4, "x", batch=3)
+    check_tokens(torch.zeros(2, 5, 4), 4, "x", batch=2)
+
+
+def test_feed_forward_shapes():
+    ff = FeedForward(8, mlp_ratio=2.0, out_dim=3)
+    assert ff.fc1.out_features == 16
+    assert ff(torch.randn(2, 5, 8)).shape == (2, 5, 3)

@@ -1,0 +1,185 @@
+"""CrossAttention against torch.nn.MultiheadAttention, and its own promises."""
+
+import re
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from mmfuse.attention import IMPLS
+from mmfuse.layers import AttentionBlock, CrossAttention
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def randomize(module: nn.Module) -> nn.Module:
+    """Non-zero biases too, so that copying them wrongly shows."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.3)
+    return module
+
+
+def to_mha(layer: CrossAttention) -> nn.MultiheadAttention:
+    """A MultiheadAttention computing the same function (needs dim == query_dim == out_dim)."""
+    mha = nn.MultiheadAttention(layer.dim, layer.num_heads, batch_first=True, kdim=layer.context_dim,
+                                vdim=layer.context_dim)
+    q, k, v = layer.q_proj, layer.k_proj, layer.v_proj
+    with torch.no_grad():
+        if mha._qkv_same_embed_dim:
+            mha.in_proj_weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+        else:
+            mha.q_proj_weight.copy_(q.weight)
+            mha.k_proj_weight.copy_(k.weight)
+            mha.v_proj_weight.copy_(v.weight)
+        mha.in_proj_bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+        mha.out_proj.weight.copy_(layer.out_proj.weight)
+        mha.out_proj.bias.copy_(layer.out_proj.bias)
+    return mha.eval()
+
+
+MASK = torch.tensor([[True, True, True, False, False, True, False],
+                     [True, True, True, True, True, True, True],
+                     [False, True, False, False, False, False, False]])
+
+
+@pytest.mark.parametrize("context_dim", [16, 24], ids=["same_dims", "kdim_vdim"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "mask"])
+@pytest.mark.parametrize("impl", ["auto", "math"])
+def test_cross_attention_matches_multihead_attention(context_dim, masked, impl):
+    layer = randomize(CrossAttention(16, context_dim, num_heads=4, impl=impl)).eval()
+    mha = to_mha(layer)
+    x, context = torch.randn(3, 5, 16), torch.randn(3, 7, context_dim)
+    mask = MASK if masked else None
+    out, weights = layer(x, context, context_mask=mask, need_weights=True)
+    ref, ref_weights = mha(x, context, context, key_padding_mask=None if mask is None else ~mask,
+                           need_weights=True, average_attn_weights=False)
+    assert_close(out, ref)
+    assert_close(weights, ref_weights)
+    assert_close(layer(x, context, context_mask=mask)[0], ref)  # the fused path too
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "mask"])
+def test_self_attention_matches_multihead_attention(masked):
+    layer = randomize(CrossAttention(16, 16, num_heads=2)).eval()
+    mha = to_mha(layer)
+    x = torch.randn(3, 7, 16)
+    mask = MASK if masked else None
+    out, weights = layer(x, x, context_mask=mask, need_weights=True)
+    ref, ref_weights = mha(x, x, x, key_padding_mask=None if mask is None else ~mask, need_weights=True,
+                           average_attn_weights=False)
+    assert_close(out, ref)
+    assert_close(weights, ref_weights)
+
+
+def test_matches_multihead_attention_dropout_off_in_eval():
+    layer = randomize(CrossAttention(8, 8, num_heads=2, dropout=0.5)).eval()
+    x = torch.randn(2, 4, 8)
+    assert_close(layer(x, x)[0], to_mha(layer)(x, x, x, need_weights=False)[0])
+
+
+def test_dropout_acts_in_training():
+    layer = CrossAttention(8, 8, num_heads=2, dropout=0.5)
+    x = torch.randn(2, 4, 8)
+    assert not torch.allclose(layer(x, x)[0], layer.eval()(x, x)[0])
+
+
+@pytest.mark.parametrize(
+    ("impl", "options"),
+    [("chunked", {"block_q": 2, "block_k": 3}), ("local", {"window": 15})],  # window covers all 7 keys
+)
+def test_attn_options_reach_the_attention(impl, options):
+    if impl not in IMPLS:
+        pytest.skip(f"impl {impl!r} not available")
+    layer = CrossAttention(16, 24, num_heads=4, impl=impl, attn_options=options).eval()
+    assert layer.attn.impl == impl and layer.attn.options == options
+    reference = CrossAttention(16, 24, num_heads=4, impl="math").eval()
+    reference.load_state_dict(layer.state_dict())
+    x, context = torch.randn(3, 5, 16), torch.randn(3, 7, 24)
+    assert_close(layer(x, context, context_mask=MASK)[0], reference(x, context, context_mask=MASK)[0])
+
+
+def test_weights_rows_sum_to_one_over_kept_keys():
+    layer = CrossAttention(16, 24, num_heads=4)
+    _, weights = layer(torch.randn(3, 5, 16), torch.randn(3, 7, 24), context_mask=MASK, need_weights=True)
+    assert weights.shape == (3, 4, 5, 7)
+    assert_close(weights.sum(-1), torch.ones(3, 4, 5))
+    assert (weights.masked_select(~MASK[:, None, None, :]) == 0).all()
+
+
+def test_no_weights_unless_asked():
+    layer = CrossAttention(16, 24, num_heads=4, impl="math")
+    assert layer(torch.randn(1, 2, 16), torch.randn(1, 3, 24))[1] is None
+
+
+@pytest.mark.parametrize("impl", ["auto", "math"])
+def test_permuting_context_tokens_and_mask_changes_nothing(impl):
+    layer = randomize(CrossAttention(16, 24, num_heads=4, impl=impl)).eval()
+    x, context = torch.randn(3, 5, 16), torch.randn(3, 7, 24)
+    perm = torch.randperm(7)
+    out, weights = layer(x, context, context_mask=MASK, need_weights=True)
+    out_p, weights_p = layer(x, context[:, perm], context_mask=MASK[:, perm], need_weights=True)
+    assert_close(out_p, out)
+    assert_close(weights_p, weights[..., perm])
+
+
+def test_fully_masked_context_gives_zeros_not_bias():
+    layer = randomize(CrossAttention(8, 6, num_heads=2))
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    context = torch.randn(2, 4, 6, requires_grad=True)
+    mask = torch.tensor([[False] * 4, [True, False, True, False]])
+    out, weights = layer(x, context, context_mask=mask, need_weights=True)
+    assert (out[0] == 0).all() and (weights[0] == 0).all()
+    assert (out[1] != 0).any()
+    out.sum().backward()
+    for t in (x, context, *layer.parameters()):
+        assert torch.isfinite(t.grad).all()
+
+
+def test_dims_and_heads():
+    layer = CrossAttention(12, 20, dim=32, num_heads=8, out_dim=5)
+    out, _ = layer(torch.randn(2, 3, 12), torch.randn(2, 9, 20))
+    assert out.shape == (2, 3, 5)
+    assert layer.head_dim == 4
+    assert CrossAttention(12, 20, num_heads=3).dim == 12
+    with pytest.raises(ValueError, match=r"dim \(10\) must be divisible by num_heads \(4\)"):
+        CrossAttention(10, 20, num_heads=4)
+
+
+def test_init_weights_is_xavier_with_zero_biases():
+    layer = randomize(CrossAttention(16, 24, num_heads=4))
+    layer.init_weights()
+    for proj in (layer.q_proj, layer.k_proj, layer.v_proj, layer.out_proj):
+        assert (proj.bias == 0).all()
+        fan_in, fan_out = proj.in_features, proj.out_features
+        assert proj.weight.abs().max() <= (6 / (fan_in + fan_out)) ** 0.5
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "context_shape", "mask_shape", "message"),
+    [
+        ((2, 3, 16), (2, 5, 32), None, "context must have shape (2, Nk, 24), got (2, 5, 32)"),
+        ((2, 3, 8), (2, 5, 24), None, "x must have shape (B, Nq, 16), got (2, 3, 8)"),
+        ((3, 16), (2, 5, 24), None, "x must have shape (B, Nq, 16), got (3, 16)"),
+        ((2, 3, 16), (4, 5, 24), None, "context must have shape (2, Nk, 24), got (4, 5, 24)"),
+        ((2, 3, 16), (2, 5, 24), (2, 4), "context_mask must have shape (B, N) = (2, 5), got (2, 4)"),
+    ],
+)
+def test_wrong_shapes_name_expected_and_received(x_shape, context_shape, mask_shape, message):
+    layer = CrossAttention(16, 24, num_heads=4)
+    mask = None if mask_shape is None else torch.ones(mask_shape, dtype=torch.bool)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        layer(torch.randn(x_shape), torch.randn(context_shape), context_mask=mask)
+
+
+def test_block_checks_shapes_before_normalising():
+    block = AttentionBlock(16, context_dim=24, num_heads=4)
+    with pytest.raises(ValueError, match=re.escape("x must have shape (B, N, 16), got (2, 3, 8)")):
+        block(torch.randn(2, 3, 8), torch.randn(2, 5, 24))
+    with pytest.raises(ValueError, match=re.escape("context must have shape (2, Nk, 24), got (2, 5, 16)")):
+        block(torch.randn(2, 3, 16), torch.randn(2, 5, 16))
+    with pytest.raises(ValueError, match="context must be given"):
+        block(torch.randn(2, 3, 16))
+    with pytest.raises(ValueError, match="needs self-attention, cross-attention"):
+        AttentionBlock(16, self_attention=False)
