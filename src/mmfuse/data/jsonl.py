@@ -1,0 +1,138 @@
+"""User datasets: a directory with ``train.jsonl``, ``test.jsonl`` and optionally ``val.jsonl``.
+
+One JSON object a line (blank lines are skipped)::
+
+    {"image": "images/0001.png", "question": "what color is the shape?", "answer": "blue"}
+
+plus an optional ``"answer_type"`` (given on every line of a split or on none); other keys are ignored.
+``image`` is a path relative to the dataset directory; an absolute path, or one whose ``..`` parts climb
+out of the directory, is rejected. The check is on the path as written: a symbolic link inside the
+directory may point elsewhere (the dataset's owner put it there). Questions naming the same file share
+one decoded image. Every error is a :class:`DataError` naming the file and, where there is one, the line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+import torch
+
+from .images import DataError, load_images
+from .split import VQASplit
+
+__all__ = ["SPLIT_NAMES", "load_jsonl_split", "split_file"]
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def split_file(root: str | Path, split: str) -> Path:
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
+    return Path(root) / f"{split}.jsonl"
+
+
+@dataclass
+class _Example:
+    line: int
+    image: Path  # resolved
+    question: str
+    answer: str
+    answer_type: str | None
+
+
+def load_jsonl_split(
+    root: str | Path, split: str, *, image_size: int = 64, progress: bool | None = None
+) -> VQASplit:
+    """Load ``root/<split>.jsonl`` and decode the images it names into a :class:`VQASplit`."""
+    root = Path(root)
+    path = split_file(root, split)
+    if not path.is_file():
+        raise DataError(f"{path}: split file not found (a dataset directory holds train.jsonl, "
+                        "test.jsonl and optionally val.jsonl)", path=path)
+    base = root.resolve()
+    examples = [_parse_line(path, n, line, base) for n, line in _numbered_lines(path)]
+    if not examples:
+        raise DataError(f"{path}: no examples", path=path)
+    _check_answer_types(path, examples)
+
+    first_line: dict[Path, int] = {}  # image file -> first line naming it; its dict order = image rows
+    for ex in examples:
+        first_line.setdefault(ex.image, ex.line)
+    row_of = {image: row for row, image in enumerate(first_line)}
+    try:
+        images = load_images(list(first_line), image_size, desc=f"{base.name}/{split}", progress=progress)
+    except DataError as e:
+        line = first_line.get(Path(e.path)) if e.path else None
+        if line is None:
+            raise
+        raise DataError(f"{path} line {line}: {e}", path=path) from e
+
+    has_types = examples[0].answer_type is not None
+    return VQASplit(
+        images=images,
+        image_index=torch.tensor([row_of[ex.image] for ex in examples], dtype=torch.long),
+        questions=[ex.question for ex in examples],
+        answers=[ex.answer for ex in examples],
+        answer_types=[str(ex.answer_type) for ex in examples] if has_types else None,
+        image_paths=[str(p) for p in first_line],
+        name=f"{base.name}/{split}",
+    )
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of ``path`` with their 1-based numbers."""
+    try:
+        with path.open(encoding="utf-8-sig") as f:
+            for n, line in enumerate(f, start=1):
+                if line.strip():
+                    yield n, line
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})", path=path) from e
+
+
+def _parse_line(path: Path, n: int, line: str, base: Path) -> _Example:
+    where = f"{path} line {n}"
+    try:
+        obj: Any = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON: {e}", path=path) from e
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}", path=path)
+    for key in ("image", "question", "answer"):
+        if key not in obj:
+            raise DataError(f"{where}: missing key {key!r}", path=path)
+    for key in ("image", "question", "answer", "answer_type"):
+        if key in obj and not isinstance(obj[key], str):
+            raise DataError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}", path=path)
+    if not obj["answer"]:
+        raise DataError(f"{where}: 'answer' is empty", path=path)
+    return _Example(n, _resolve_image(where, path, obj["image"], base), obj["question"], obj["answer"],
+                    obj.get("answer_type"))
+
+
+def _resolve_image(where: str, path: Path, image: str, base: Path) -> Path:
+    if not image:
+        raise DataError(f"{where}: 'image' is empty", path=path)
+    if PurePosixPath(image).is_absolute() or PureWindowsPath(image).anchor:  # "/x", "C:\\x", "C:x"
+        raise DataError(f"{where}: image path {image!r} must be relative to the dataset directory", path=path)
+    normal = os.path.normpath(image)
+    if normal == ".." or normal.startswith(".." + os.sep):
+        raise DataError(f"{where}: image path {image!r} leads outside the dataset directory", path=path)
+    file = (base / normal).resolve()
+    if not file.is_file():
+        raise DataError(f"{where}: image file {image!r} not found ({file})", path=path)
+    return file
+
+
+def _check_answer_types(path: Path, examples: list[_Example]) -> None:
+    with_type = [ex.answer_type is not None for ex in examples]
+    if any(with_type) and not all(with_type):
+        first = examples[with_type.index(True)].line
+        missing = examples[with_type.index(False)].line
+        raise DataError(f"{path} line {missing}: no 'answer_type', but line {first} has one; give it on "
+                        "every line or on none", path=path)

@@ -1,0 +1,66 @@
+"""The in-memory form of one dataset split, shared by every loader."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["VQASplit", "majority_answer_accuracy"]
+
+
+@dataclass
+class VQASplit:
+    """Questions over a set of images, the images decoded once and shared between their questions.
+
+    Shapes::
+
+        M  images      N  questions      S  image side
+
+        images:      (M, 3, S, S) uint8 RGB
+        image_index: (N,) int64, question i is about images[image_index[i]]
+
+    ``answer_types`` is per question ("yes/no", "color", "shape" for easy-VQA) or None when the dataset
+    gives none; ``image_paths[m]`` is the file row ``m`` was decoded from.
+    """
+
+    images: Tensor
+    image_index: Tensor
+    questions: list[str]
+    answers: list[str]
+    answer_types: list[str] | None
+    image_paths: list[str]
+    name: str
+
+    def __post_init__(self) -> None:
+        n, m = len(self.questions), len(self.image_paths)
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"{self.name}: images must be uint8 (M, 3, S, S), got "
+                             f"{self.images.dtype} {tuple(self.images.shape)}")
+        if self.images.shape[0] != m:
+            raise ValueError(f"{self.name}: {self.images.shape[0]} images but {m} image paths")
+        if self.image_index.dtype != torch.long or tuple(self.image_index.shape) != (n,):
+            raise ValueError(f"{self.name}: image_index must be int64 (N,) = ({n},), got "
+                             f"{self.image_index.dtype} {tuple(self.image_index.shape)}")
+        if n and not (0 <= int(self.image_index.min()) and int(self.image_index.max()) < m):
+            raise ValueError(f"{self.name}: image_index out of range [0, {m})")
+        if len(self.answers) != n or (self.answer_types is not None and len(self.answer_types) != n):
+            raise ValueError(f"{self.name}: questions, answers and answer_types differ in length")
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+
+def majority_answer_accuracy(train: VQASplit, test: VQASplit) -> float:
+    """Accuracy on ``test`` of always answering the most common training answer (a floor for any model)."""
+    if not len(train) or not len(test):
+        raise ValueError("majority_answer_accuracy needs non-empty splits")
+    counts = Counter(train.answers)
+    majority = min(counts, key=lambda a: (-counts[a], a))  # ties broken alphabetically
+    return sum(a == majority for a in test.answers) / len(test)
