@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mmfuse.data import AnswerVocab, WordTokenizer, load_vocab, save_vocab
+from mmfuse.data._atomic import atomic_path
 from mmfuse.data.vocab import CLS, PAD, SPECIAL_TOKENS, UNK
 
 QUESTIONS = ["What color is the shape?", "Is there a red circle?", "what's the shape?", "is the shape red?"]
@@ -120,3 +121,12 @@ def test_load_vocab_rejects_other_files(tmp_path):
     for name in ["other.json", "broken.json", "missing.json"]:
         with pytest.raises(ValueError, match=name):
             load_vocab(tmp_path / name)
+
+
+def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
+    target = tmp_path / "vocab.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["vocab.json"]

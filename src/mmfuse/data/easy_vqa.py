@@ -12,7 +12,6 @@ import hashlib
 import importlib.metadata
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +22,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ._atomic import atomic_path
 from .images import DataError, load_images
 from .split import VQASplit
 
@@ -112,16 +112,10 @@ def _read_cache(path: Path, num_images: int, image_size: int) -> Tensor | None:
 
 
 def _write_cache(path: Path, images: Tensor) -> None:
-    """Write atomically: readers see the old file or the complete new one, never a partial one."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file({"images": images.contiguous()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
     except (OSError, SafetensorError) as e:
         logger.warning("cannot write the image cache %s (%s); continuing without it", path, e)
         return

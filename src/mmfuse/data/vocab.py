@@ -12,9 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -23,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from ._atomic import atomic_path
 
 __all__ = [
     "CLS",
@@ -157,18 +157,12 @@ class AnswerVocab:
 def save_vocab(
     path: str | Path, tokenizer_dict: dict[str, Any], answers: Sequence[str] | AnswerVocab
 ) -> None:
-    """Write ``vocab.json`` atomically (a temporary file, then ``os.replace``)."""
+    """Write ``vocab.json`` atomically."""
     path = Path(path)
     names = answers.names if isinstance(answers, AnswerVocab) else list(answers)
     text = json.dumps({"format": _VOCAB_FORMAT, "tokenizer": tokenizer_dict, "answers": names}, indent=1)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
 
 
 def load_vocab(path: str | Path) -> tuple[dict[str, Any], list[str]]:
