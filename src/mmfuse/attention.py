@@ -15,34 +15,62 @@ Shapes::
 A sample whose keys are all masked gets an output of zeros (and zero weights), never NaN, and its
 gradients stay finite.
 
-Implementations (``impl=``):
+Implementations (``impl=``) and their options:
 
 ``auto``
     ``torch.nn.functional.scaled_dot_product_attention`` (the fused kernel) when no weights are asked
     for, else ``math``.
 ``math``
     Explicit ``softmax(q k^T / sqrt(D)) v``; the reference, and the only one that returns weights.
+``chunked`` (``block_q=256, block_k=512``)
+    Exact attention in query/key tiles with an online softmax; backward recomputes the tiles
+    (flash-attention style), so no Nq x Nk tensor exists in forward or backward. Weights: no.
+``local`` (``window``, ``num_global=0``, ``block_q=128, block_k=1024``)
+    Sliding window of ``window`` keys around each query's centre key plus ``num_global`` global
+    tokens, computed tile by tile on the band only, so cost grows linearly with the length. The exact
+    pattern, including the centre of query i when Nq != Nk (``round(i (Nk-1) / (Nq-1))``), is
+    :func:`local_attention_mask`. Rows whose visible keys are all padding give zeros. Weights: no.
+``lowrank`` (``proj_k``, ``proj_v``: (rank, max_len) tensors)
+    Linformer: keys and values are projected along the sequence to ``rank`` rows by the first Nk
+    columns of ``proj_k`` / ``proj_v`` (padded keys zeroed first), then attended with ``auto``.
+    :class:`Attention` owns the projections (``rank=``, ``max_len=``). Weights: no (they would be over
+    the ``rank`` projected rows, not over keys).
+
+When each wins (2 CPU threads, fp32, forward+backward; ``benchmarks/README.md`` has the numbers):
+``auto`` is the fastest exact choice at every shape measured and its fused kernel keeps memory linear
+in the length. ``math`` is for when weights are needed; at short fusion shapes (Nk = 64) it costs
+about the same as ``auto``, at long ones it is several times slower and its memory is quadratic.
+``chunked`` matches ``auto``'s linear memory with an explicit, inspectable pure-PyTorch kernel and runs
+on any device or dtype, but is slower than the fused kernel. ``local`` wins once the sequence is
+several windows long: its cost is O(N * window). ``lowrank`` costs O(N * rank) and wins at long
+fixed-size inputs when an approximation is acceptable.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["IMPLS", "Attention", "attend", "check_key_padding_mask", "flops"]
+from mmfuse._attention_blocked import block_attention, dense_plan, local_attention_mask, local_plan
+
+__all__ = ["IMPLS", "Attention", "attend", "check_key_padding_mask", "flops", "local_attention_mask"]
 
 # An implementation takes (q, k, v, keep, scale, dropout_p, **options) where `keep` is None or a
 # (B, 1, 1, Nk) bool tensor with every sample keeping at least one key, and returns (out, weights|None).
 AttentionFn = Callable[..., tuple[Tensor, "Tensor | None"]]
 _REGISTRY: dict[str, AttentionFn] = {}
+# Keyword options each implementation accepts from attend(**options).
+_OPTIONS: dict[str, tuple[str, ...]] = {}
 
 
-def _register(name: str) -> Callable[[AttentionFn], AttentionFn]:
+def _register(name: str, options: tuple[str, ...] = ()) -> Callable[[AttentionFn], AttentionFn]:
     def wrap(fn: AttentionFn) -> AttentionFn:
         _REGISTRY[name] = fn
+        _OPTIONS[name] = options
         return fn
 
     return wrap
@@ -58,14 +86,25 @@ def check_key_padding_mask(mask: Tensor | None, batch: int, length: int, name: s
         raise ValueError(f"{name} must have shape (B, N) = ({batch}, {length}), got {tuple(mask.shape)}")
 
 
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _no_weights(impl: str, need_weights: bool) -> None:
+    if need_weights:
+        raise ValueError(f"impl={impl!r} does not return attention weights; use impl='math' (or 'auto')")
+
+
 @_register("math")
 def _math(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dropout_p: float,
           need_weights: bool = True) -> tuple[Tensor, Tensor | None]:
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, Nq, Nk)
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
-    # Softmax in float32: under bf16 autocast the row sums would otherwise drift.
-    weights = scores.float().softmax(dim=-1).to(v.dtype)
+    # Softmax in at least float32: under bf16 autocast the row sums would otherwise drift.
+    weights = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
     probs = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     out = torch.matmul(probs, v)  # (B, H, Nq, D)
     return out, (weights if need_weights else None)
@@ -81,7 +120,52 @@ def _auto(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dr
     return out, None
 
 
-IMPLS: tuple[str, ...] = ("auto", "math")
+@_register("chunked", ("block_q", "block_k"))
+def _chunked(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dropout_p: float,
+             need_weights: bool = False, block_q: int = 256, block_k: int = 512) -> tuple[Tensor, None]:
+    _no_weights("chunked", need_weights)
+    plan = dense_plan(q.shape[2], k.shape[2], _check_int("block_q", block_q, 1), _check_int("block_k", block_k, 1))
+    return block_attention(q, k, v, keep, scale, dropout_p, plan), None
+
+
+@_register("local", ("window", "num_global", "block_q", "block_k"))
+def _local(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dropout_p: float,
+           need_weights: bool = False, window: int | None = None, num_global: int = 0, block_q: int = 128,
+           block_k: int = 1024) -> tuple[Tensor, None]:
+    _no_weights("local", need_weights)
+    if window is None:
+        raise ValueError("impl='local' needs window= (the number of keys each query sees)")
+    plan = local_plan(q.shape[2], k.shape[2], window=_check_int("window", window, 1),
+                      num_global=_check_int("num_global", num_global, 0),
+                      block_q=_check_int("block_q", block_q, 1), block_k=_check_int("block_k", block_k, 1),
+                      device=q.device)
+    return block_attention(q, k, v, keep, scale, dropout_p, plan, window), None
+
+
+@_register("lowrank", ("proj_k", "proj_v"))
+def _lowrank(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dropout_p: float,
+             need_weights: bool = False, proj_k: Tensor | None = None,
+             proj_v: Tensor | None = None) -> tuple[Tensor, None]:
+    _no_weights("lowrank", need_weights)
+    if proj_k is None or proj_v is None:
+        raise ValueError("impl='lowrank' needs proj_k= and proj_v= (rank, max_len) tensors; "
+                         "Attention(impl='lowrank', rank=..., max_len=...) holds them")
+    Nk = k.shape[2]
+    if proj_k.dim() != 2 or proj_k.shape != proj_v.shape:
+        raise ValueError(f"proj_k and proj_v must both be (rank, max_len), got {tuple(proj_k.shape)} "
+                         f"and {tuple(proj_v.shape)}")
+    if Nk > proj_k.shape[1]:
+        raise ValueError(f"impl='lowrank' was built for at most max_len={proj_k.shape[1]} keys, got Nk={Nk}")
+    if keep is not None:
+        # Zero padded keys/values so they add nothing to the projected rows.
+        pad = ~keep.transpose(-2, -1)  # (B, 1, Nk, 1)
+        k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
+    k = torch.matmul(proj_k[:, :Nk].to(k.dtype), k)  # (B, H, rank, D)
+    v = torch.matmul(proj_v[:, :Nk].to(v.dtype), v)  # (B, H, rank, Dv)
+    return _auto(q, k, v, None, scale, dropout_p)
+
+
+IMPLS: tuple[str, ...] = tuple(_REGISTRY)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None,
@@ -94,6 +178,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None =
     """
     if impl not in _REGISTRY:
         raise ValueError(f"unknown attention impl {impl!r}; choose one of {sorted(_REGISTRY)}")
+    unknown = sorted(set(options) - set(_OPTIONS[impl]))
+    if unknown:
+        raise ValueError(f"impl={impl!r} takes no option(s) {unknown}; it takes {list(_OPTIONS[impl])}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             "q, k, v must be 4-D (B, H, N, D), got "
@@ -126,31 +213,72 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None =
     return out, weights
 
 
+# Attention(...) keyword options, and the implementations that use each.
+_MODULE_OPTIONS = {"window": ("local",), "num_global": ("local",), "block_q": ("chunked", "local"),
+                   "block_k": ("chunked", "local"), "rank": ("lowrank",), "max_len": ("lowrank",)}
+
+
 class Attention(nn.Module):
     """The attention step of a layer: implementation choice, dropout, and impl-specific parameters.
 
     It has no q/k/v projections; layers own those and call this module on (B, H, N, D) tensors.
+    Options (see the module docstring): ``window``, ``num_global`` for ``local``; ``block_q``,
+    ``block_k`` for ``chunked`` and ``local``; ``rank``, ``max_len`` for ``lowrank``, which then owns
+    the sequence projections ``proj_k``, ``proj_v`` of shape (rank, max_len).
     """
 
-    def __init__(self, *, impl: str = "auto", dropout: float = 0.0) -> None:
+    def __init__(self, *, impl: str = "auto", dropout: float = 0.0, window: int | None = None,
+                 num_global: int | None = None, block_q: int | None = None, block_k: int | None = None,
+                 rank: int | None = None, max_len: int | None = None) -> None:
         super().__init__()
         if impl not in _REGISTRY:
             raise ValueError(f"unknown attention impl {impl!r}; choose one of {sorted(_REGISTRY)}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        given = {"window": window, "num_global": num_global, "block_q": block_q, "block_k": block_k,
+                 "rank": rank, "max_len": max_len}
+        given = {name: value for name, value in given.items() if value is not None}
+        for name in given:
+            if impl not in _MODULE_OPTIONS[name]:
+                raise ValueError(f"{name}= applies to impl in {_MODULE_OPTIONS[name]}, not impl={impl!r}")
+        for name, value in given.items():
+            _check_int(name, value, 0 if name == "num_global" else 1)
+        if impl == "local" and window is None:
+            raise ValueError("impl='local' needs window= (the number of keys each query sees)")
         self.impl = impl
         self.dropout = dropout
+        self.options = {name: given[name] for name in ("window", "num_global", "block_q", "block_k") if name in given}
+        self.proj_k: nn.Parameter | None = None
+        self.proj_v: nn.Parameter | None = None
+        if impl == "lowrank":
+            if rank is None or max_len is None:
+                raise ValueError("impl='lowrank' needs rank= and max_len= (the longest key sequence)")
+            self.proj_k = nn.Parameter(torch.empty(rank, max_len))
+            self.proj_v = nn.Parameter(torch.empty(rank, max_len))
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        if self.proj_k is not None and self.proj_v is not None:
+            # std 1/sqrt(max_len): a projected row of a full-length input keeps the scale of one key.
+            std = 1.0 / math.sqrt(self.proj_k.shape[1])
+            nn.init.normal_(self.proj_k, std=std)
+            nn.init.normal_(self.proj_v, std=std)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None,
                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        options = dict(self.options)
+        if self.proj_k is not None:
+            options.update(proj_k=self.proj_k, proj_v=self.proj_v)
         return attend(q, k, v, key_padding_mask=key_padding_mask, need_weights=need_weights,
-                      impl=self.impl, dropout_p=self.dropout if self.training else 0.0)
+                      impl=self.impl, dropout_p=self.dropout if self.training else 0.0, **options)
 
     def extra_repr(self) -> str:
-        return f"impl={self.impl!r}, dropout={self.dropout}"
+        extra = "".join(f", {name}={value}" for name, value in self.options.items())
+        if self.proj_k is not None:
+            extra += f", rank={self.proj_k.shape[0]}, max_len={self.proj_k.shape[1]}"
+        return f"impl={self.impl!r}, dropout={self.dropout}{extra}"
 
 
 def flops(batch: int, heads: int, nq: int, nk: int, head_dim: int) -> int:
     """Forward FLOPs of attention (two matmuls, multiply-add counted as 2)."""
     return 4 * batch * heads * nq * nk * head_dim
-
