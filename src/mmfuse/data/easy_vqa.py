@@ -22,7 +22,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ._atomic import atomic_path
+from mmfuse.io import atomic_path
+
 from .images import DataError, load_images
 from .split import VQASplit
 

@@ -56,6 +56,15 @@ class VQASplit:
     def image_size(self) -> int:
         return int(self.images.shape[-1])
 
+    def first_images(self, num_images: int) -> VQASplit:
+        """The first ``num_images`` images and all of their questions (a slice for quick experiments)."""
+        keep = torch.nonzero(self.image_index < num_images).flatten().tolist()
+        return VQASplit(
+            images=self.images[:num_images], image_index=self.image_index[keep],
+            questions=[self.questions[i] for i in keep], answers=[self.answers[i] for i in keep],
+            answer_types=None if self.answer_types is None else [self.answer_types[i] for i in keep],
+            image_paths=self.image_paths[:num_images], name=f"{self.name}[:{num_images} images]")
+
 
 def majority_answer_accuracy(train: VQASplit, test: VQASplit) -> float:
     """Accuracy on ``test`` of always answering the most common training answer (a floor for any model)."""

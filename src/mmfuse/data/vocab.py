@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._atomic import atomic_path
+from mmfuse.io import atomic_path
 
 __all__ = [
     "CLS",

@@ -1,0 +1,23 @@
+"""Vision encoders (tokens per feature-map position) and text encoders (tokens per word)."""
+
+from mmfuse.encoders.hf import HFTextEncoder, default_hf_model_path
+from mmfuse.encoders.text import TransformerTextEncoder
+from mmfuse.encoders.vgg import VGG, VGG_CHANNELS
+from mmfuse.encoders.vision import (
+    ConvEncoder,
+    PositionalEmbedding2d,
+    feature_map_to_tokens,
+    tokens_to_feature_map,
+)
+
+__all__ = [
+    "VGG",
+    "VGG_CHANNELS",
+    "ConvEncoder",
+    "HFTextEncoder",
+    "PositionalEmbedding2d",
+    "TransformerTextEncoder",
+    "default_hf_model_path",
+    "feature_map_to_tokens",
+    "tokens_to_feature_map",
+]
