@@ -170,3 +170,35 @@ def test_wrong_shapes_name_expected_and_received(name):
         model(image, text.new_zeros(3, 4, 12))
     with pytest.raises(ValueError, match=re.escape("image_mask must have shape (B, N) = (3, 6), got (3, 4)")):
         model(image, text, image_mask=image_mask[:, :4])
+
+
+@pytest.mark.parametrize("name", BASELINES + ATTENTION)
+def test_shared_images_equal_gathering_first(name):
+    """image_index: one row of image tokens per image, shared by several questions, gives exactly what
+    gathering the rows per question first gives (outputs and gradients)."""
+    model = open_gates(make(name)).eval()
+    image, _, image_mask, _ = batch(B=3)
+    text = torch.randn(5, 4, TEXT_DIM)
+    text_mask = torch.arange(4)[None, :] < torch.tensor([4, 1, 3, 2, 4])[:, None]
+    index = torch.tensor([2, 0, 2, 1, 0])
+    shared_image = image.clone().requires_grad_()
+    gathered_image = image.clone().requires_grad_()
+    shared = model(shared_image, text, image_mask=image_mask, text_mask=text_mask, image_index=index,
+                   need_weights=True)
+    gathered = model(gathered_image[index], text, image_mask=image_mask[index], text_mask=text_mask,
+                     need_weights=True)
+    assert_close(shared.pooled, gathered.pooled)
+    if gathered.attention is not None:
+        assert_close(shared.attention, gathered.attention)
+    shared.pooled.sum().backward()
+    gathered.pooled.sum().backward()
+    assert_close(shared_image.grad, gathered_image.grad)
+
+
+def test_image_index_out_of_range_is_rejected():
+    model = make("cross_attention")
+    image, text, _, _ = batch(B=3)
+    with pytest.raises(ValueError, match=r"context_index values must be in \[0, 3\)"):
+        model(image, text, image_index=torch.tensor([0, 3, 1]))
+    with pytest.raises(ValueError, match=r"context_index must be int64 of shape \(3,\)"):
+        model(image, text, image_index=torch.tensor([0, 1]))

@@ -2,11 +2,17 @@
 
 Every fusion is called the same way::
 
-    out = fusion(image_tokens, text_tokens, *, image_mask=None, text_mask=None, need_weights=False)
+    out = fusion(image_tokens, text_tokens, *, image_mask=None, text_mask=None, image_index=None,
+                 need_weights=False)
 
     image_tokens: (B, Ni, image_dim)   image_mask: (B, Ni) bool, True = keep
     text_tokens:  (B, Nt, text_dim)    text_mask:  (B, Nt) bool, True = keep
     out.pooled: (B, fusion.out_dim)    out.tokens: (B, N, out_dim) | None    out.attention: see below
+
+Shared images: with ``image_index`` (B,), ``image_tokens`` and ``image_mask`` hold one row per image
+(I, Ni, ...) and text row b is about image ``image_index[b]``. The result equals gathering
+``image_tokens[image_index]`` first, but each fusion does its per-image work (pooling, key/value
+projections) once per image: in VQA about ten questions share an image.
 
 ``out.attention`` (only with ``need_weights=True``, else None) holds the weights of the fusion's main
 cross-modal attention, from its last block; H = num_heads:
@@ -33,13 +39,13 @@ import torch
 from torch import Tensor, nn
 
 from mmfuse.layers.attention_pool import AttentionPooling
-from mmfuse.layers.common import check_mask, check_tokens, concat_masks, init_linear, masked_mean
+from mmfuse.layers.common import check_context_index, check_mask, check_tokens, concat_masks, init_linear, masked_mean
 from mmfuse.layers.cross_attention import AttentionBlock, apply_blocks
 from mmfuse.layers.fusion_transformer import FusionTransformer
 from mmfuse.layers.gated import GatedCrossAttention
 from mmfuse.layers.self_fusion import ModalitySelfAttention, ModalityTokens
 
-__all__ = ["Fusion", "FusionOutput", "available", "create", "register"]
+__all__ = ["Fusion", "FusionOutput", "available", "create", "per_question", "register"]
 
 
 @dataclass
@@ -97,11 +103,20 @@ class Fusion(nn.Module):
         self.out_dim = out_dim
 
     def check_inputs(self, image_tokens: Tensor, text_tokens: Tensor, image_mask: Tensor | None,
-                     text_mask: Tensor | None) -> None:
+                     text_mask: Tensor | None, image_index: Tensor | None = None) -> None:
         check_tokens(image_tokens, self.image_dim, "image_tokens", seq="Ni")
-        check_tokens(text_tokens, self.text_dim, "text_tokens", batch=image_tokens.shape[0], seq="Nt")
+        if image_index is None:
+            check_tokens(text_tokens, self.text_dim, "text_tokens", batch=image_tokens.shape[0], seq="Nt")
+        else:
+            check_tokens(text_tokens, self.text_dim, "text_tokens", seq="Nt")
+            check_context_index(image_index, text_tokens.shape[0], image_tokens.shape[0])
         check_mask(image_mask, image_tokens, "image_mask")
         check_mask(text_mask, text_tokens, "text_mask")
+
+
+def per_question(x: Tensor | None, image_index: Tensor | None) -> Tensor | None:
+    """Rows of a per-image tensor (I, ...) for each question (B, ...); unchanged without an index."""
+    return x if x is None or image_index is None else x[image_index]
 
 
 def _mlp(in_dim: int, dim: int, dropout: float) -> nn.Sequential:
@@ -126,9 +141,11 @@ class ConcatFusion(Fusion):
         init_linear(self.proj)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
-                text_mask: Tensor | None = None, need_weights: bool = False) -> FusionOutput:
-        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask)
-        both = torch.cat([masked_mean(image_tokens, image_mask), masked_mean(text_tokens, text_mask)], dim=-1)
+                text_mask: Tensor | None = None, image_index: Tensor | None = None,
+                need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask, image_index)
+        image = per_question(masked_mean(image_tokens, image_mask), image_index)  # (B, image_dim)
+        both = torch.cat([image, masked_mean(text_tokens, text_mask)], dim=-1)
         return FusionOutput(self.drop(self.act(self.proj(both))))  # (B, dim)
 
 
@@ -147,9 +164,10 @@ class LateFusion(Fusion):
         self.text_head = _mlp(text_dim, dim, dropout)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
-                text_mask: Tensor | None = None, need_weights: bool = False) -> FusionOutput:
-        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask)
-        image = self.image_head(masked_mean(image_tokens, image_mask))  # (B, dim)
+                text_mask: Tensor | None = None, image_index: Tensor | None = None,
+                need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask, image_index)
+        image = per_question(self.image_head(masked_mean(image_tokens, image_mask)), image_index)  # (B, dim)
         text = self.text_head(masked_mean(text_tokens, text_mask))  # (B, dim)
         return FusionOutput((image + text) / 2)
 
@@ -167,9 +185,11 @@ class ProductFusion(Fusion):
         init_linear(self.text_proj)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
-                text_mask: Tensor | None = None, need_weights: bool = False) -> FusionOutput:
-        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask)
-        image = torch.tanh(self.image_proj(masked_mean(image_tokens, image_mask)))  # (B, dim)
+                text_mask: Tensor | None = None, image_index: Tensor | None = None,
+                need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask, image_index)
+        image = torch.tanh(self.image_proj(masked_mean(image_tokens, image_mask)))  # (I, dim)
+        image = per_question(image, image_index)  # (B, dim)
         text = torch.tanh(self.text_proj(masked_mean(text_tokens, text_mask)))  # (B, dim)
         return FusionOutput(self.drop(image * text))
 
@@ -183,8 +203,9 @@ class TextOnlyFusion(Fusion):
         self.text_head = _mlp(text_dim, dim, dropout)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
-                text_mask: Tensor | None = None, need_weights: bool = False) -> FusionOutput:
-        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask)
+                text_mask: Tensor | None = None, image_index: Tensor | None = None,
+                need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask, image_index)
         return FusionOutput(self.text_head(masked_mean(text_tokens, text_mask)))
 
 
@@ -197,9 +218,10 @@ class ImageOnlyFusion(Fusion):
         self.image_head = _mlp(image_dim, dim, dropout)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
-                text_mask: Tensor | None = None, need_weights: bool = False) -> FusionOutput:
-        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask)
-        return FusionOutput(self.image_head(masked_mean(image_tokens, image_mask)))
+                text_mask: Tensor | None = None, image_index: Tensor | None = None,
+                need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask, image_index)
+        return FusionOutput(per_question(self.image_head(masked_mean(image_tokens, image_mask)), image_index))
 
 
 # --- Attention fusions: tokens of one modality attend over the tokens of the other. ---
@@ -226,10 +248,11 @@ class CrossAttentionFusion(Fusion):
         init_linear(self.text_proj)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
-                text_mask: Tensor | None = None, need_weights: bool = False) -> FusionOutput:
-        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask)
+                text_mask: Tensor | None = None, image_index: Tensor | None = None,
+                need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask, image_index)
         text, weights = apply_blocks(self.blocks, self.text_proj(text_tokens), image_tokens,
-                                     context_mask=image_mask, need_weights=need_weights)
+                                     context_mask=image_mask, context_index=image_index, need_weights=need_weights)
         text = self.norm(text)  # (B, Nt, dim)
         return FusionOutput(masked_mean(text, text_mask), text, weights)
 
@@ -249,8 +272,10 @@ class AttentionPoolingFusion(Fusion):
                                      attn_options=attn_options)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
-                text_mask: Tensor | None = None, need_weights: bool = False) -> FusionOutput:
-        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask)
+                text_mask: Tensor | None = None, image_index: Tensor | None = None,
+                need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask, image_index)
+        image_tokens, image_mask = per_question(image_tokens, image_index), per_question(image_mask, image_index)
         tokens, mask = self.embed(image_tokens, text_tokens, image_mask=image_mask, text_mask=text_mask)
         latents, weights = self.pool(tokens, mask=mask, need_weights=need_weights)  # (B, Q, dim)
         return FusionOutput(latents.mean(dim=1), latents, weights)
@@ -270,8 +295,10 @@ class SelfAttentionFusion(Fusion):
                                              attn_options=attn_options)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
-                text_mask: Tensor | None = None, need_weights: bool = False) -> FusionOutput:
-        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask)
+                text_mask: Tensor | None = None, image_index: Tensor | None = None,
+                need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask, image_index)
+        image_tokens, image_mask = per_question(image_tokens, image_index), per_question(image_mask, image_index)
         tokens, weights = self.encoder(image_tokens, text_tokens, image_mask=image_mask, text_mask=text_mask,
                                        need_weights=need_weights)  # (B, Ni + Nt, dim)
         mask = concat_masks([image_mask, text_mask], [image_tokens, text_tokens])
@@ -304,10 +331,11 @@ class GatedCrossAttentionFusion(Fusion):
         init_linear(self.text_proj)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
-                text_mask: Tensor | None = None, need_weights: bool = False) -> FusionOutput:
-        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask)
+                text_mask: Tensor | None = None, image_index: Tensor | None = None,
+                need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask, image_index)
         text, weights = apply_blocks(self.blocks, self.text_proj(text_tokens), image_tokens, mask=text_mask,
-                                     context_mask=image_mask, need_weights=need_weights)
+                                     context_mask=image_mask, context_index=image_index, need_weights=need_weights)
         text = self.norm(text)  # (B, Nt, dim)
         return FusionOutput(masked_mean(text, text_mask), text, weights)
 
@@ -326,8 +354,9 @@ class TransformerFusion(Fusion):
                                          attn_options=attn_options)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
-                text_mask: Tensor | None = None, need_weights: bool = False) -> FusionOutput:
-        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask)
+                text_mask: Tensor | None = None, image_index: Tensor | None = None,
+                need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask, image_index)
         text, weights = self.encoder(text_tokens, image_tokens, text_mask=text_mask, image_mask=image_mask,
-                                     need_weights=need_weights)  # (B, Nt, dim)
+                                     image_index=image_index, need_weights=need_weights)  # (B, Nt, dim)
         return FusionOutput(masked_mean(text, text_mask), text, weights)

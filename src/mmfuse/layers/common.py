@@ -13,7 +13,9 @@ from torch import Tensor, nn
 
 from mmfuse.attention import check_key_padding_mask
 
-__all__ = ["FeedForward", "check_mask", "check_tokens", "concat_masks", "init_linear", "masked_mean"]
+__all__ = [
+    "FeedForward", "check_context_index", "check_mask", "check_tokens", "concat_masks", "init_linear", "masked_mean",
+]
 
 
 def check_tokens(x: Tensor, dim: int, name: str, *, batch: int | None = None, seq: str = "N") -> None:
@@ -30,6 +32,15 @@ def check_tokens(x: Tensor, dim: int, name: str, *, batch: int | None = None, se
 def check_mask(mask: Tensor | None, x: Tensor, name: str) -> None:
     """Raise ``ValueError`` unless ``mask`` is None or a (B, N) bool mask for the tokens ``x``."""
     check_key_padding_mask(mask, x.shape[0], x.shape[1], name)
+
+
+def check_context_index(index: Tensor, batch: int, num_contexts: int) -> None:
+    """Raise ``ValueError`` unless ``index`` is an int64 (batch,) tensor of rows in [0, num_contexts)."""
+    if index.dtype != torch.long or tuple(index.shape) != (batch,):
+        raise ValueError(f"context_index must be int64 of shape ({batch},), got {index.dtype} {tuple(index.shape)}")
+    if batch and not (0 <= int(index.min()) and int(index.max()) < num_contexts):
+        raise ValueError(f"context_index values must be in [0, {num_contexts}), got "
+                         f"[{int(index.min())}, {int(index.max())}]")
 
 
 def concat_masks(masks: list[Tensor | None], tokens: list[Tensor]) -> Tensor | None:

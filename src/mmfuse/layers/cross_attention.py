@@ -9,6 +9,11 @@ Shapes::
     out: (B, Nq, out_dim)   weights: (B, H, Nq, Nk), each row sums to 1 over the kept context tokens
 
 Self-attention is ``CrossAttention(d, d)`` called as ``attn(x, x, context_mask=mask)``.
+
+Shared contexts: with ``context_index`` (B,) the context holds one entry per *image* (I, Nk, ...) and
+query row b attends over ``context[context_index[b]]``. Keys and values are then projected once per
+image and gathered afterwards: in VQA about ten questions share an image, so this saves most of the
+projection work of training.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from mmfuse.attention import Attention
-from mmfuse.layers.common import FeedForward, check_mask, check_tokens, init_linear
+from mmfuse.layers.common import FeedForward, check_context_index, check_mask, check_tokens, init_linear
 
 __all__ = ["AttentionBlock", "CrossAttention", "apply_blocks"]
 
@@ -59,17 +64,21 @@ class CrossAttention(nn.Module):
             init_linear(proj)
 
     def forward(self, x: Tensor, context: Tensor, *, context_mask: Tensor | None = None,
-                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+                context_index: Tensor | None = None, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         check_tokens(x, self.query_dim, "x", seq="Nq")
         B, Nq, _ = x.shape
-        check_tokens(context, self.context_dim, "context", batch=B, seq="Nk")
+        check_tokens(context, self.context_dim, "context", batch=None if context_index is not None else B, seq="Nk")
         check_mask(context_mask, context, "context_mask")
-        Nk = context.shape[1]
+        I, Nk, _ = context.shape
         H, Dh = self.num_heads, self.head_dim
 
         q = self.q_proj(x).view(B, Nq, H, Dh).transpose(1, 2)  # (B, H, Nq, Dh)
-        k = self.k_proj(context).view(B, Nk, H, Dh).transpose(1, 2)  # (B, H, Nk, Dh)
-        v = self.v_proj(context).view(B, Nk, H, Dh).transpose(1, 2)  # (B, H, Nk, Dh)
+        k = self.k_proj(context).view(I, Nk, H, Dh).transpose(1, 2)  # (I, H, Nk, Dh)
+        v = self.v_proj(context).view(I, Nk, H, Dh).transpose(1, 2)  # (I, H, Nk, Dh)
+        if context_index is not None:
+            check_context_index(context_index, B, I)
+            k, v = k[context_index], v[context_index]  # (B, H, Nk, Dh)
+            context_mask = None if context_mask is None else context_mask[context_index]  # (B, Nk)
         out, weights = self.attn(q, k, v, key_padding_mask=context_mask, need_weights=need_weights)
         out = self.out_proj(out.transpose(1, 2).reshape(B, Nq, self.dim))  # (B, Nq, out_dim)
         if context_mask is not None:
@@ -89,7 +98,8 @@ class AttentionBlock(nn.Module):
     ``context_dim`` is given. With ``gated=True`` every residual branch is scaled by ``tanh(gate)``
     with the gate starting at zero (Flamingo), so the block starts as the identity.
 
-    ``forward(x, context=None, *, mask=None, context_mask=None, need_weights=False)`` returns
+    ``forward(x, context=None, *, mask=None, context_mask=None, context_index=None, need_weights=False)``
+    returns
     ``(x, weights)``: ``mask`` is the key-padding mask of ``x`` (for self-attention), and ``weights``
     are those of the cross-attention when there is one, else of the self-attention.
     """
@@ -128,7 +138,7 @@ class AttentionBlock(nn.Module):
         return x + (branch if gate is None else torch.tanh(gate) * branch)
 
     def forward(self, x: Tensor, context: Tensor | None = None, *, mask: Tensor | None = None,
-                context_mask: Tensor | None = None,
+                context_mask: Tensor | None = None, context_index: Tensor | None = None,
                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         check_tokens(x, self.dim, "x")
         check_mask(mask, x, "mask")
@@ -141,9 +151,10 @@ class AttentionBlock(nn.Module):
                                         need_weights=need_weights and self.cross_attn is None)
             x = self._add(x, self.drop(h), self.gate_self)
         if self.cross_attn is not None:
-            check_tokens(context, self.context_dim, "context", batch=x.shape[0], seq="Nk")
-            h, weights = self.cross_attn(self.norm_cross(x), self.norm_context(context),
-                                         context_mask=context_mask, need_weights=need_weights)
+            check_tokens(context, self.context_dim, "context",
+                         batch=None if context_index is not None else x.shape[0], seq="Nk")
+            h, weights = self.cross_attn(self.norm_cross(x), self.norm_context(context), context_mask=context_mask,
+                                         context_index=context_index, need_weights=need_weights)
             x = self._add(x, self.drop(h), self.gate_cross)
         x = self._add(x, self.ff(self.norm_ff(x)), self.gate_ff)
         return x, weights
@@ -151,7 +162,7 @@ class AttentionBlock(nn.Module):
 
 def apply_blocks(blocks: nn.ModuleList, x: Tensor, context: Tensor | None = None, *,
                  mask: Tensor | None = None, context_mask: Tensor | None = None,
-                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+                 context_index: Tensor | None = None, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
     """Run a stack of :class:`AttentionBlock` s; ``context`` goes to those with cross-attention.
 
     Returns ``(x, weights of the last block | None)``; only the last block is asked for weights, so
@@ -161,5 +172,6 @@ def apply_blocks(blocks: nn.ModuleList, x: Tensor, context: Tensor | None = None
     for i, block in enumerate(blocks):
         last = i == len(blocks) - 1
         x, weights = block(x, context if block.cross_attn is not None else None, mask=mask,
-                           context_mask=context_mask, need_weights=need_weights and last)
+                           context_mask=context_mask, context_index=context_index,
+                           need_weights=need_weights and last)
     return x, weights

@@ -10,6 +10,8 @@ Shapes::
 
 Each block: text self-attention (text mask), cross-attention of the text over the image tokens
 (image mask), feed-forward; all pre-norm and residual. A final LayerNorm closes the stack.
+With ``image_index`` (B,), ``image_tokens`` holds one row per image (I, Ni, image_dim) shared by the
+text rows that index it (see :class:`~mmfuse.layers.CrossAttention`).
 """
 
 from __future__ import annotations
@@ -49,13 +51,15 @@ class FusionTransformer(nn.Module):
         init_linear(self.image_proj)
 
     def forward(self, text_tokens: Tensor, image_tokens: Tensor, *, text_mask: Tensor | None = None,
-                image_mask: Tensor | None = None, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+                image_mask: Tensor | None = None, image_index: Tensor | None = None,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         check_tokens(text_tokens, self.text_dim, "text_tokens", seq="Nt")
-        check_tokens(image_tokens, self.image_dim, "image_tokens", batch=text_tokens.shape[0], seq="Ni")
+        check_tokens(image_tokens, self.image_dim, "image_tokens",
+                     batch=None if image_index is not None else text_tokens.shape[0], seq="Ni")
         check_mask(text_mask, text_tokens, "text_mask")
         check_mask(image_mask, image_tokens, "image_mask")
         text = self.text_proj(text_tokens)  # (B, Nt, dim)
         image = self.image_proj(image_tokens)  # (B, Ni, dim)
         text, weights = apply_blocks(self.blocks, text, image, mask=text_mask, context_mask=image_mask,
-                                     need_weights=need_weights)
+                                     context_index=image_index, need_weights=need_weights)
         return self.norm(text), weights
