@@ -1,0 +1,248 @@
+"""VGG with cross-attention to context tokens from another model (single- or multi-level).
+
+After each VGG block listed in ``levels`` the feature-map positions become query tokens that
+cross-attend to the context tokens (text tokens, another image's patches...); the result is added back
+(residual, dropout, LayerNorm) and reshaped into the map the next block convolves. After the last block
+the map is mean-pooled and classified by a small MLP.
+
+Shapes::
+
+    B   batch            Nc  context tokens        C_l  channels after block l
+    h_l, w_l  grid after block l (7x7 after block 5 for a 224x224 image)
+
+    images: (B, 3, H, W)   context: (B, Nc, context_dim)   context_mask: (B, Nc) bool, True = keep
+    logits: (B, num_classes)   weights[l]: (B, num_heads, h_l * w_l, Nc)
+
+Without context (``context=None``, or a model built with ``context_dim=None``) it is a plain VGG
+classifier: the attention steps are skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from mmfuse.attention import IMPLS
+from mmfuse.encoders.vgg import VGG
+from mmfuse.encoders.vision import PositionalEmbedding2d, feature_map_to_tokens, tokens_to_feature_map
+from mmfuse.io import CheckpointError, atomic_write_text, load_weights, read_json, write_safetensors
+from mmfuse.layers.common import check_tokens, init_linear
+from mmfuse.layers.cross_attention import CrossAttention
+
+__all__ = ["VGGCrossAttention", "VGGCrossAttentionConfig"]
+
+MODEL_TYPE = "vgg_cross_attention"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+ATTENTION_LEVELS = (3, 4, 5)
+
+
+@dataclass
+class VGGCrossAttentionConfig:
+    """Everything needed to rebuild a :class:`VGGCrossAttention`; saved as ``config.json``.
+
+    ``dropout`` is the classifier MLP's; ``attn_dropout`` drops attention probabilities and the
+    attention output before it joins the residual stream (the source's "dropout after attention").
+    ``hidden_dim`` is the classifier MLP's hidden width (default: the last block's channels).
+    """
+
+    num_classes: int
+    depth: Literal[11, 16] = 16
+    batch_norm: bool = False
+    width: float = 1.0
+    context_dim: int | None = None
+    num_heads: int = 8
+    levels: tuple[int, ...] = (5,)
+    dropout: float = 0.5
+    attn_dropout: float = 0.1
+    impl: Literal["auto", "math", "chunked", "local", "lowrank"] = "auto"
+    image_size: int = 224
+    hidden_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        self.levels = tuple(self.levels)
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.depth not in (11, 16):
+            raise ValueError(f"depth must be 11 or 16, got {self.depth!r}")
+        if self.width <= 0:
+            raise ValueError(f"width must be positive, got {self.width}")
+        if self.context_dim is not None and self.context_dim < 1:
+            raise ValueError(f"context_dim must be None or >= 1, got {self.context_dim}")
+        if self.num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {self.num_heads}")
+        if (not self.levels or len(set(self.levels)) != len(self.levels)
+                or not set(self.levels) <= set(ATTENTION_LEVELS)):
+            raise ValueError(
+                f"levels must be distinct blocks of {ATTENTION_LEVELS} (at least one), got {self.levels}"
+            )
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be >= 32 (5 VGG blocks halve it), got {self.image_size}")
+        if self.hidden_dim is not None and self.hidden_dim < 1:
+            raise ValueError(f"hidden_dim must be None or >= 1, got {self.hidden_dim}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["levels"] = list(self.levels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VGGCrossAttentionConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown VGGCrossAttentionConfig fields: {unknown}")
+        return cls(**d)
+
+
+class _LevelCrossAttention(nn.Module):
+    """Feature map -> tokens -> cross-attention to the context -> residual + LayerNorm -> feature map.
+
+    The positional embedding goes into the queries only: the map handed to the next block carries no
+    additive position bias, and the attention knows where each query sits.
+    """
+
+    def __init__(self, dim: int, context_dim: int, grid: tuple[int, int], *, num_heads: int,
+                 attn_dropout: float, impl: str) -> None:
+        super().__init__()
+        self.pos_embed = PositionalEmbedding2d(dim, grid)
+        self.attn = CrossAttention(dim, context_dim, num_heads=num_heads, dropout=attn_dropout, impl=impl)
+        self.drop = nn.Dropout(attn_dropout)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, feat: Tensor, context: Tensor, *, context_mask: Tensor | None,
+                need_weights: bool) -> tuple[Tensor, Tensor | None]:
+        h, w = feat.shape[-2:]
+        tokens = feature_map_to_tokens(feat)  # (B, h*w, C)
+        out, weights = self.attn(tokens + self.pos_embed(h, w), context, context_mask=context_mask,
+                                 need_weights=need_weights)  # (B, h*w, C), (B, heads, h*w, Nc)
+        tokens = self.norm(tokens + self.drop(out))
+        return tokens_to_feature_map(tokens, h, w), weights  # (B, C, h, w)
+
+
+class VGGCrossAttention(nn.Module):
+    """VGG (11 or 16) whose feature maps cross-attend to context tokens after the blocks in ``levels``.
+
+    Args mirror :class:`VGGCrossAttentionConfig`. ``context_dim=None`` builds a plain VGG classifier
+    (no attention layers); it then refuses a context rather than silently ignoring it.
+    """
+
+    def __init__(self, num_classes: int, *, depth: Literal[11, 16] = 16, batch_norm: bool = False,
+                 width: float = 1.0, context_dim: int | None = None, num_heads: int = 8,
+                 levels: tuple[int, ...] = (5,), dropout: float = 0.5, attn_dropout: float = 0.1,
+                 impl: str = "auto", image_size: int = 224, hidden_dim: int | None = None) -> None:
+        super().__init__()
+        cfg = VGGCrossAttentionConfig(
+            num_classes=num_classes, depth=depth, batch_norm=batch_norm, width=width,
+            context_dim=context_dim, num_heads=num_heads, levels=levels, dropout=dropout,
+            attn_dropout=attn_dropout, impl=impl, image_size=image_size, hidden_dim=hidden_dim,
+        )
+        self.config = cfg
+        self.backbone = VGG(cfg.depth, batch_norm=cfg.batch_norm, width=cfg.width, pos_embed=False)
+
+        # Keys are block numbers as strings (ModuleDict keys must be str).
+        self.cross_attention = nn.ModuleDict()
+        if cfg.context_dim is not None:
+            for level in sorted(cfg.levels):
+                dim = self.backbone.stage_channels[level - 1]
+                if dim % cfg.num_heads:
+                    raise ValueError(
+                        f"block {level} has {dim} channels, not divisible by num_heads={cfg.num_heads}"
+                    )
+                self.cross_attention[str(level)] = _LevelCrossAttention(
+                    dim, cfg.context_dim, self.backbone.grid(cfg.image_size, level),
+                    num_heads=cfg.num_heads, attn_dropout=cfg.attn_dropout, impl=cfg.impl,
+                )
+
+        dim = self.backbone.out_dim
+        hidden = cfg.hidden_dim or dim
+        self.head = nn.Sequential(
+            nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout),
+            nn.Linear(hidden, cfg.num_classes),
+        )
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        self.backbone.init_weights()
+        for level in self.cross_attention.values():
+            level.pos_embed.init_weights()
+            level.attn.init_weights()
+            level.norm.reset_parameters()
+        for m in self.head:
+            if isinstance(m, nn.Linear):
+                init_linear(m)
+
+    @classmethod
+    def from_config(cls, config: VGGCrossAttentionConfig) -> VGGCrossAttention:
+        return cls(**dataclasses.asdict(config))
+
+    def attention_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the cross-attention layers (projections), for their own LR / L2 group."""
+        for level in self.cross_attention.values():
+            yield from level.attn.parameters()
+
+    def _check_context(self, images: Tensor, context: Tensor) -> None:
+        if self.config.context_dim is None:
+            raise ValueError("this model was built with context_dim=None (no attention): pass context=None")
+        # A single vector per sample is a context of one token: context[:, None].
+        check_tokens(context, self.config.context_dim, "context", batch=images.shape[0], seq="Nc")
+
+    def forward(self, images: Tensor, context: Tensor | None = None, *, context_mask: Tensor | None = None,
+                need_weights: bool = False) -> Tensor | tuple[Tensor, dict[int, Tensor]]:
+        """Logits (B, num_classes); with ``need_weights``, also {block: (B, heads, h*w, Nc) weights}."""
+        if context is not None:
+            self._check_context(images, context)
+        elif context_mask is not None:
+            raise ValueError("context_mask given without context")
+        self.backbone.check_images(images)
+
+        weights: dict[int, Tensor] = {}
+        x = images
+        for level, block in enumerate(self.backbone.blocks, start=1):
+            x = block(x)  # (B, C_l, h_l, w_l)
+            if context is not None and str(level) in self.cross_attention:
+                x, w = self.cross_attention[str(level)](x, context, context_mask=context_mask,
+                                                        need_weights=need_weights)
+                if w is not None:
+                    weights[level] = w
+        logits = self.head(x.mean(dim=(2, 3)))  # mean over the h*w tokens -> (B, num_classes)
+        return (logits, weights) if need_weights else logits
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``, each atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_safetensors(directory / WEIGHTS_NAME, self.state_dict(), metadata={"model_type": MODEL_TYPE})
+        config = {"model_type": MODEL_TYPE, **self.config.to_dict()}
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike,
+                        *, map_location: str | torch.device = "cpu") -> VGGCrossAttention:
+        """Rebuild a model saved by :meth:`save_pretrained` (JSON + safetensors; nothing is unpickled)."""
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        raw = read_json(config_path)
+        if raw.get("model_type") != MODEL_TYPE:
+            raise CheckpointError(f"{config_path}: does not describe a {MODEL_TYPE} model")
+        raw.pop("model_type")
+        try:
+            config = VGGCrossAttentionConfig.from_dict(raw)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{config_path}: invalid model config: {e}") from e
+        model = cls.from_config(config)
+        load_weights(model, directory / WEIGHTS_NAME)
+        return model.to(map_location)

@@ -1,0 +1,219 @@
+"""Visual question answering: vision encoder -> [attention pooling] -> fusion with the question -> answer.
+
+Shapes::
+
+    I  images in the batch     Q  questions (several per image)     L  question tokens
+    N  image tokens            A  answers
+
+    images: (I, 3, S, S) uint8 (or float, already normalised)    image_index: (Q,) question -> image
+    ids, text_mask: (Q, L)                                          logits: (Q, A)
+
+Each image is encoded once and its tokens are shared by all of its questions (``image_index``); on
+easy-VQA about ten questions share an image, so this is the main saving of training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from mmfuse import fusion as fusion_registry
+from mmfuse.data.vocab import AnswerVocab, WordTokenizer, load_vocab, save_vocab
+from mmfuse.encoders.text import TransformerTextEncoder
+from mmfuse.encoders.vgg import VGG
+from mmfuse.encoders.vision import ConvEncoder
+from mmfuse.fusion import FusionOutput
+from mmfuse.io import CheckpointError, atomic_write_text, load_weights, read_json, write_safetensors
+from mmfuse.layers import AttentionPooling
+
+__all__ = ["VQAConfig", "VQAModel", "normalize_images"]
+
+CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME = "config.json", "model.safetensors", "vocab.json"
+_MODEL_TYPE = "vqa"
+
+
+def normalize_images(images: Tensor) -> Tensor:
+    """uint8 RGB in [0, 255] -> float in about [-2, 2]; float input is taken as already normalised."""
+    if images.dtype == torch.uint8:
+        return images.float().mul_(1.0 / 63.75).sub_(2.0)  # (x / 255 - 0.5) / 0.25
+    return images
+
+
+@dataclass
+class VQAConfig:
+    """Everything needed to rebuild a :class:`VQAModel` (saved as ``config.json``)."""
+
+    num_answers: int
+    vocab_size: int = 0  # word-level tokenizer size; 0 with a Hugging Face text encoder
+    image_size: int = 64
+    # vision
+    vision: Literal["cnn", "vgg11", "vgg16"] = "cnn"
+    cnn_stages: list[list[int]] = field(default_factory=lambda: [[32], [64], [128]])
+    vgg_width: float = 0.25
+    batch_norm: bool = True
+    pool_queries: int = 0  # > 0: AttentionPooling of the image tokens to this many latents
+    # text
+    text: Literal["transformer", "hf"] = "transformer"
+    text_dim: int = 128
+    text_depth: int = 1
+    text_heads: int = 4
+    max_length: int = 32
+    hf_path: str | None = None
+    hf_freeze: bool = True
+    # fusion and head
+    fusion: str = "cross_attention"
+    dim: int = 128
+    num_heads: int = 4
+    depth: int = 1
+    dropout: float = 0.1
+    impl: str = "auto"
+    fusion_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_answers < 1:
+            raise ValueError(f"num_answers must be >= 1, got {self.num_answers}")
+        if self.fusion not in fusion_registry.available():
+            raise ValueError(f"unknown fusion {self.fusion!r}; choose one of {fusion_registry.available()}")
+        if self.vision not in ("cnn", "vgg11", "vgg16"):
+            raise ValueError(f"vision must be 'cnn', 'vgg11' or 'vgg16', got {self.vision!r}")
+        if self.text not in ("transformer", "hf"):
+            raise ValueError(f"text must be 'transformer' or 'hf', got {self.text!r}")
+        if self.text == "transformer" and self.vocab_size < 3:
+            raise ValueError("a transformer text encoder needs vocab_size (the word tokenizer's size)")
+        if self.text == "hf" and not self.hf_path:
+            raise ValueError("text='hf' needs hf_path, the folder of a Hugging Face model")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": _MODEL_TYPE, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VQAConfig:
+        d = dict(d)
+        if d.pop("model_type", _MODEL_TYPE) != _MODEL_TYPE:
+            raise ValueError(f"not a VQA model config (model_type={d.get('model_type')!r})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}")
+        return cls(**d)
+
+
+class VQAModel(nn.Module):
+    """The VQA model of mmfuse; see the module docstring for shapes.
+
+    ``forward`` returns answer logits; the training loop lives in :mod:`mmfuse.train`. The word
+    tokenizer and answer vocabulary travel with the model (``vocab.json``).
+    """
+
+    def __init__(self, config: VQAConfig, *, answers: AnswerVocab,
+                 tokenizer: WordTokenizer | None = None) -> None:
+        super().__init__()
+        if len(answers) != config.num_answers:
+            raise ValueError(f"config.num_answers={config.num_answers} but {len(answers)} answers given")
+        self.config = config
+        self.answers = answers
+        c = config
+
+        if c.vision == "cnn":
+            self.vision: ConvEncoder = ConvEncoder(c.cnn_stages, batch_norm=c.batch_norm, image_size=c.image_size)
+        else:
+            self.vision = VGG(11 if c.vision == "vgg11" else 16, batch_norm=c.batch_norm, width=c.vgg_width,
+                              image_size=c.image_size)
+        self.pool = (AttentionPooling(self.vision.out_dim, num_queries=c.pool_queries, num_heads=c.num_heads,
+                                      impl=c.impl) if c.pool_queries > 0 else None)
+
+        if c.text == "transformer":
+            if tokenizer is None:
+                raise ValueError("a transformer text encoder needs the word tokenizer")
+            if len(tokenizer) != c.vocab_size:
+                raise ValueError(f"config.vocab_size={c.vocab_size} but the tokenizer has {len(tokenizer)} words")
+            self.text: nn.Module = TransformerTextEncoder(
+                tokenizer, dim=c.text_dim, depth=c.text_depth, num_heads=c.text_heads,
+                max_length=c.max_length, dropout=c.dropout, impl=c.impl)
+        else:
+            from mmfuse.encoders.hf import HFTextEncoder
+
+            self.text = HFTextEncoder(c.hf_path, freeze=c.hf_freeze, max_length=c.max_length)
+
+        self.fusion = fusion_registry.create(
+            c.fusion, image_dim=self.vision.out_dim, text_dim=self.text.out_dim, dim=c.dim,
+            num_heads=c.num_heads, depth=c.depth, dropout=c.dropout, impl=c.impl, **c.fusion_options)
+        self.head = nn.Sequential(nn.LayerNorm(self.fusion.out_dim), nn.Dropout(c.dropout),
+                                  nn.Linear(self.fusion.out_dim, c.num_answers))
+
+    # ----------------------------------------------------------------------------------------------
+    def tokenize(self, questions: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Questions -> ``(ids (Q, L), mask (Q, L))`` with the model's own tokenizer."""
+        return self.text.tokenize(list(questions))
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """(I, 3, S, S) -> image tokens (I, N, C): the vision encoder, then the optional pooling."""
+        tokens = self.vision(normalize_images(images))  # (I, h*w, C)
+        if self.pool is not None:
+            tokens, _ = self.pool(tokens)  # (I, pool_queries, C)
+        return tokens
+
+    def fuse(self, images: Tensor, ids: Tensor, text_mask: Tensor, image_index: Tensor | None = None, *,
+             need_weights: bool = False) -> FusionOutput:
+        """The fusion's output for each question; ``image_index`` None means one image per question."""
+        if ids.dim() != 2 or tuple(text_mask.shape) != tuple(ids.shape):
+            raise ValueError(f"ids and text_mask must both be (Q, L), got {tuple(ids.shape)} and "
+                             f"{tuple(text_mask.shape)}")
+        image_tokens = self.encode_images(images)  # (I, N, C)
+        if image_index is None and image_tokens.shape[0] != ids.shape[0]:
+            raise ValueError(f"{image_tokens.shape[0]} images for {ids.shape[0]} questions: pass image_index")
+        text_tokens = self.text(ids, text_mask)  # (Q, L, text_dim)
+        # The fusion gathers per question itself, after its per-image work (see mmfuse.fusion).
+        return self.fusion(image_tokens, text_tokens, text_mask=text_mask, image_index=image_index,
+                           need_weights=need_weights)
+
+    def forward(self, images: Tensor, ids: Tensor, text_mask: Tensor,
+                image_index: Tensor | None = None) -> Tensor:
+        return self.head(self.fuse(images, ids, text_mask, image_index).pooled)  # (Q, A)
+
+    @torch.no_grad()
+    def answer(self, images: Tensor, questions: Sequence[str], image_index: Tensor | None = None) -> Tensor:
+        """Answer probabilities (Q, A) for raw questions."""
+        ids, mask = self.tokenize(questions)
+        return self(images, ids, mask, image_index).softmax(dim=-1)
+
+    # ----------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json``, ``model.safetensors`` and ``vocab.json`` (each atomically)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tokenizer = getattr(self.text, "tokenizer", None)
+        tokenizer_dict = tokenizer.to_dict() if isinstance(tokenizer, WordTokenizer) else {"type": "hf"}
+        write_safetensors(directory / WEIGHTS_NAME, self.state_dict())
+        save_vocab(directory / VOCAB_NAME, tokenizer_dict, self.answers)
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(self.config.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> VQAModel:
+        """Rebuild a model written by :meth:`save_pretrained`; loads JSON and safetensors only."""
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        try:
+            config = VQAConfig.from_dict(read_json(config_path))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{config_path}: {e}") from e
+        vocab_path = directory / VOCAB_NAME
+        try:
+            tokenizer_dict, answer_names = load_vocab(vocab_path)
+            answers = AnswerVocab.from_dict({"names": answer_names})
+            tokenizer = WordTokenizer.from_dict(tokenizer_dict) if config.text == "transformer" else None
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{vocab_path}: {e}") from e
+        model = cls(config, answers=answers, tokenizer=tokenizer)
+        load_weights(model, directory / WEIGHTS_NAME)
+        model.eval()
+        return model
+
