@@ -1,0 +1,96 @@
+"""Evaluation: accuracy overall and per answer type, predictions, and a confusion matrix.
+
+Answers the model's vocabulary lacks (a test answer training never saw) are counted as wrong: the
+model cannot produce them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mmfuse.data import ImageGroupedBatches, VQASplit, encode_answers
+from mmfuse.models.vqa import VQAModel
+
+__all__ = ["EvalResult", "evaluate", "write_predictions"]
+
+
+@dataclass
+class EvalResult:
+    """Per-question predictions of a model on a split; ``summary()`` gives the figures."""
+
+    split: VQASplit
+    answer_names: list[str]
+    targets: Tensor  # (N,) class ids, -1 for answers outside the model's vocabulary
+    predictions: Tensor  # (N,) class ids
+    probabilities: Tensor  # (N,) probability of the predicted answer
+
+    @property
+    def correct(self) -> Tensor:
+        return self.predictions == self.targets
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.float().mean()) if len(self.targets) else 0.0
+
+    def groups(self) -> dict[str, float]:
+        """Accuracy per answer type when the dataset has types, else per expected answer."""
+        keys = self.split.answer_types or self.split.answers
+        hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for key, ok in zip(keys, self.correct.tolist(), strict=True):
+            hits[key][0] += int(ok)
+            hits[key][1] += 1
+        return {k: h / n for k, (h, n) in sorted(hits.items())}
+
+    def summary(self) -> dict[str, Any]:
+        by = "answer_type" if self.split.answer_types else "answer"
+        return {"accuracy": self.accuracy, "num_examples": len(self.targets),
+                "unknown_answers": int((self.targets < 0).sum()), f"accuracy_by_{by}": self.groups()}
+
+    def confusion(self) -> Tensor:
+        """(A, A) counts: row = expected answer, column = predicted (unknown answers left out)."""
+        a = len(self.answer_names)
+        known = self.targets >= 0
+        flat = self.targets[known] * a + self.predictions[known]
+        return torch.bincount(flat, minlength=a * a).reshape(a, a)
+
+
+@torch.no_grad()
+def evaluate(model: VQAModel, split: VQASplit, *, images_per_batch: int = 128, bf16: bool = False) -> EvalResult:
+    """Run ``model`` over every question of ``split`` (each image encoded once)."""
+    was_training = model.training
+    model.eval()
+    ids, mask = model.tokenize(split.questions)
+    targets = encode_answers(split.answers, model.answers)
+    batches = ImageGroupedBatches(split, ids, mask, targets, images_per_batch=images_per_batch, shuffle=False)
+    predictions = torch.empty(len(split), dtype=torch.long)
+    probabilities = torch.empty(len(split))
+    try:
+        for batch in batches.epoch(0):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(batch.images, batch.tokens, batch.text_mask, batch.image_index)
+            prob, pred = logits.float().softmax(-1).max(-1)
+            predictions[batch.question_ids] = pred
+            probabilities[batch.question_ids] = prob
+    finally:
+        model.train(was_training)
+    return EvalResult(split, model.answers.names, targets, predictions, probabilities)
+
+
+def write_predictions(result: EvalResult, path: str | os.PathLike) -> None:
+    """One JSON line per question: question, answer, prediction, probability, correct, image."""
+    split = result.split
+    names = result.answer_names
+    with open(Path(path), "w", encoding="utf-8") as f:
+        for i, (q, a) in enumerate(zip(split.questions, split.answers, strict=True)):
+            row = {"question": q, "answer": a, "prediction": names[int(result.predictions[i])],
+                   "probability": round(float(result.probabilities[i]), 6), "correct": bool(result.correct[i]),
+                   "image": split.image_paths[int(split.image_index[i])]}
+            f.write(json.dumps(row) + "\n")
