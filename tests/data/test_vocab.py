@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mmfuse.data import AnswerVocab, WordTokenizer, load_vocab, save_vocab
-from mmfuse.io import atomic_path
 from mmfuse.data.vocab import CLS, PAD, SPECIAL_TOKENS, UNK
+from mmfuse.io import atomic_path
 
 QUESTIONS = ["What color is the shape?", "Is there a red circle?", "what's the shape?", "is the shape red?"]
 
