@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from mmfuse import fusion as fusion_registry
 from mmfuse.attention import IMPLS
@@ -24,6 +24,13 @@ log = logging.getLogger("mmfuse")
 
 class UsageError(Exception):
     """A user mistake: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage block is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
@@ -95,7 +102,7 @@ def _train_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmfuse", description="Attention-based fusion of images and text.")
+    parser = _Parser(prog="mmfuse", description="Attention-based fusion of images and text.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
