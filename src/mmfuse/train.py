@@ -52,7 +52,7 @@ class TrainConfig:
 
     data: str = EASY_VQA
     out: str = "runs/latest"
-    epochs: int = 10
+    epochs: int = 8
     images_per_batch: int = 32
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 3e-3
