@@ -262,6 +262,9 @@ class Trainer:
         write_safetensors(self.out / STATE_NAME, tensors, metadata=meta)
 
     def _load_state(self) -> None:
+        if self.rank == 0:
+            for tmp in self.out.glob(".*.tmp"):  # half-written files of a killed write
+                tmp.unlink(missing_ok=True)
         path = self.out / STATE_NAME
         if not path.is_file():
             raise CheckpointError(f"{path}: missing, nothing to resume")
@@ -367,9 +370,12 @@ class Trainer:
         if self.rank == 0 and (is_last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             result = self.evaluate()
             row.update({f"{cfg.eval_split}_{k}": v for k, v in result.items()})
+        if self.rank == 0:
+            # The row goes first: a kill before the checkpoint lands leaves a row that resume drops
+            # (_truncate_metrics) and writes again, whereas the other order could lose it.
+            _append_metrics(self.out / METRICS_NAME, row)
         self.save_checkpoint()
         if self.rank == 0:
-            _append_metrics(self.out / METRICS_NAME, row)
             log.info("epoch %d/%d %s", epoch + 1, cfg.epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
         return row

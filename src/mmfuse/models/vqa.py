@@ -226,7 +226,10 @@ class VQAModel(nn.Module):
             tokenizer = WordTokenizer.from_dict(tokenizer_dict) if config.text == "transformer" else None
         except (OSError, KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{vocab_path}: {e}") from e
-        model = cls(config, answers=answers, tokenizer=tokenizer)
+        try:
+            model = cls(config, answers=answers, tokenizer=tokenizer)
+        except (TypeError, ValueError) as e:  # a value of the wrong type, or a vocab that does not fit
+            raise CheckpointError(f"{config_path} and {vocab_path} do not describe one model: {e}") from e
         load_weights(model, directory / WEIGHTS_NAME)
         model.eval()
         return model
