@@ -17,9 +17,8 @@ from mmfuse.cli import main
 from mmfuse.data import load_split
 from mmfuse.evaluate import evaluate
 from mmfuse.models import VQAModel
+from mmfuse.perturbations import MAX_SEVERITY, PERTURBATIONS
 from mmfuse.robustness import (
-    MAX_SEVERITY,
-    PERTURBATIONS,
     area_under_curve,
     evaluate_perturbed,
     perturb_split,
