@@ -139,3 +139,15 @@ def test_ddp_with_two_processes_trains_a_usable_model(tiny, tmp_path):
     model = VQAModel.from_pretrained(ddp)
     probs = model.answer(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), ["what shape is it?"])
     assert probs.shape == (1, len(model.answers)) and torch.isfinite(probs).all()
+
+
+def test_make_dataset_writes_a_loadable_relational_dataset(tmp_path, capsys):
+    from mmfuse.data import load_split
+
+    out = tmp_path / "rel"
+    assert main(["make-dataset", "relational", "--out", str(out), "--train-images", "12", "--test-images", "4",
+                 "--image-size", "32"]) == 0
+    assert str(out) in capsys.readouterr().out
+    split = load_split(out, "test", image_size=32)
+    assert split.images.shape[0] == 4 and len(split) > 0
+    assert {"relational", "non-relational"} <= set(split.answer_types)
