@@ -116,7 +116,7 @@ class Fusion(nn.Module):
 
 def per_question(x: Tensor | None, image_index: Tensor | None) -> Tensor | None:
     """Rows of a per-image tensor (I, ...) for each question (B, ...); unchanged without an index."""
-    return x if x is None or image_index is None else x[image_index]
+    return x if x is None or image_index is None else x.index_select(0, image_index)
 
 
 def _mlp(in_dim: int, dim: int, dropout: float) -> nn.Sequential:

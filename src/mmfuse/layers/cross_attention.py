@@ -77,7 +77,8 @@ class CrossAttention(nn.Module):
         v = self.v_proj(context).view(I, Nk, H, Dh).transpose(1, 2)  # (I, H, Nk, Dh)
         if context_index is not None:
             check_context_index(context_index, B, I)
-            k, v = k[context_index], v[context_index]  # (B, H, Nk, Dh)
+            # index_select: its backward (index_add_) is much faster on CPU than indexing's (index_put_).
+            k, v = k.index_select(0, context_index), v.index_select(0, context_index)  # (B, H, Nk, Dh)
             context_mask = None if context_mask is None else context_mask[context_index]  # (B, Nk)
         out, weights = self.attn(q, k, v, key_padding_mask=context_mask, need_weights=need_weights)
         out = self.out_proj(out.transpose(1, 2).reshape(B, Nq, self.dim))  # (B, Nq, out_dim)

@@ -69,12 +69,13 @@ class VQAConfig:
     hf_path: str | None = None
     hf_freeze: bool = True
     # fusion and head
-    fusion: str = "cross_attention"
+    fusion: str = "fusion_transformer"
     dim: int = 64
     num_heads: int = 4
-    depth: int = 1
+    depth: int = 2
     dropout: float = 0.0  # easy-VQA needs none; dropout also costs ~15% of a CPU step
     impl: str = "auto"
+    head_hidden: int = 0  # > 0: an MLP answer head with this many hidden units
     fusion_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -146,8 +147,12 @@ class VQAModel(nn.Module):
         self.fusion = fusion_registry.create(
             c.fusion, image_dim=self.vision.out_dim, text_dim=self.text.out_dim, dim=c.dim,
             num_heads=c.num_heads, depth=c.depth, dropout=c.dropout, impl=c.impl, **c.fusion_options)
-        self.head = nn.Sequential(nn.LayerNorm(self.fusion.out_dim), nn.Dropout(c.dropout),
-                                  nn.Linear(self.fusion.out_dim, c.num_answers))
+        d = self.fusion.out_dim
+        # A hidden layer lets the head combine features the pooling put side by side (e.g. "not" and
+        # "a red shape is present" for a negated question), which a linear head cannot.
+        hidden = [nn.Linear(d, c.head_hidden), nn.GELU()] if c.head_hidden else []
+        self.head = nn.Sequential(nn.LayerNorm(d), *hidden, nn.Dropout(c.dropout),
+                                  nn.Linear(c.head_hidden or d, c.num_answers))
 
     # ----------------------------------------------------------------------------------------------
     def tokenize(self, questions: Sequence[str]) -> tuple[Tensor, Tensor]:
