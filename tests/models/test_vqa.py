@@ -43,7 +43,8 @@ def test_every_fusion_trains_end_to_end(fusion):
     logits.logsumexp(-1).sum().backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert all(g is None or torch.isfinite(g).all() for g in grads.values())
-    assert grads["head.4.weight"] is not None and grads["head.4.weight"].abs().sum() > 0
+    head = model.head[-1].weight.grad
+    assert head is not None and head.abs().sum() > 0
     if fusion == "gated_cross_attention":  # closed gates at init: only the gates see the image
         gates = [p.grad for n, p in model.named_parameters() if n.endswith("gate_cross")]
         assert gates and all(g.abs().sum() > 0 for g in gates)
@@ -119,3 +120,11 @@ def test_pretrained_text_encoder(tmp_path, monkeypatch):
     model.eval().save_pretrained(tmp_path)
     loaded = VQAModel.from_pretrained(tmp_path)
     assert_close(loaded(images, ids, mask, index), model(images, ids, mask, index))
+
+
+def test_mlp_head_option():
+    model = make(head_hidden=8).eval()
+    images, ids, mask, index = inputs(model)
+    assert [type(m).__name__ for m in model.head] == ["LayerNorm", "Linear", "GELU", "Dropout", "Linear"]
+    assert model.head[1].out_features == 8
+    assert model(images, ids, mask, index).shape == (5, len(ANSWERS))
