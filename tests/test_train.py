@@ -38,9 +38,10 @@ def test_learns_easy_vqa_well_above_the_majority_answer(tmp_path):
     train = load_split("easy-vqa", "train").first_images(400)
     test = load_split("easy-vqa", "test").first_images(200)
     majority = majority_answer_accuracy(train, test)
-    cfg = TrainConfig(out=str(tmp_path / "run"), epochs=25, images_per_batch=32, progress=False, warmup_steps=20,
+    cfg = TrainConfig(out=str(tmp_path / "run"), epochs=12, images_per_batch=16, progress=False, warmup_steps=20,
                       lr=3e-3, eval_every=0,
-                      model={"cnn_stages": [[16], [32], [32]], "dim": 64, "text_dim": 64, "num_heads": 4})
+                      model={"cnn_stages": [[16], [32], [32]], "dim": 32, "text_dim": 32, "num_heads": 4,
+                             "fusion": "cross_attention", "depth": 1})
     metrics = Trainer(cfg, train_split=train, eval_split=test).fit()
     assert metrics["step"] >= 300
     assert metrics["test_accuracy"] > majority + 0.3, (metrics["test_accuracy"], majority)
