@@ -22,10 +22,10 @@ Implementations (``impl=``) and their options:
     for, else ``math``.
 ``math``
     Explicit ``softmax(q k^T / sqrt(D)) v``; the reference, and the only one that returns weights.
-``chunked`` (``block_q=256, block_k=512``)
+``chunked`` (``block_q=512, block_k=1024``)
     Exact attention in query/key tiles with an online softmax; backward recomputes the tiles
     (flash-attention style), so no Nq x Nk tensor exists in forward or backward. Weights: no.
-``local`` (``window``, ``num_global=0``, ``block_q=128, block_k=1024``)
+``local`` (``window``, ``num_global=0``, ``block_q=256, block_k=1024``)
     Sliding window of ``window`` keys around each query's centre key plus ``num_global`` global
     tokens, computed tile by tile on the band only, so cost grows linearly with the length. The exact
     pattern, including the centre of query i when Nq != Nk (``round(i (Nk-1) / (Nq-1))``), is
@@ -36,14 +36,22 @@ Implementations (``impl=``) and their options:
     :class:`Attention` owns the projections (``rank=``, ``max_len=``). Weights: no (they would be over
     the ``rank`` projected rows, not over keys).
 
-When each wins (2 CPU threads, fp32, forward+backward; ``benchmarks/README.md`` has the numbers):
-``auto`` is the fastest exact choice at every shape measured and its fused kernel keeps memory linear
-in the length. ``math`` is for when weights are needed; at short fusion shapes (Nk = 64) it costs
-about the same as ``auto``, at long ones it is several times slower and its memory is quadratic.
-``chunked`` matches ``auto``'s linear memory with an explicit, inspectable pure-PyTorch kernel and runs
-on any device or dtype, but is slower than the fused kernel. ``local`` wins once the sequence is
-several windows long: its cost is O(N * window). ``lowrank`` costs O(N * rank) and wins at long
-fixed-size inputs when an approximation is acceptable.
+When each wins, measured on the 2-core AVX2 development machine (one thread, fp32 unless said, Nq = Nk
+= N, 8 heads of 64; ``benchmarks/README.md`` has the tables and the command):
+
+* ``auto`` is the fastest exact choice. At N = 4096 it runs the forward 3.7x and forward+backward
+  2.1x faster than naive matmul-softmax-matmul, at 86% of the machine's fp32 matmul rate, and its
+  memory is linear in N (322 MiB for forward+backward at N = 32768). At fusion shapes (16 queries,
+  64 keys) it costs about what ``math`` does.
+* ``math``: when the weights are wanted. Its memory is quadratic: 6 GiB at N = 8192.
+* ``chunked`` is exact with linear memory too (420 MiB at N = 32768) but in fp32 about 1.4x slower
+  than the fused kernel. It wins for bf16 on CPUs without bf16 units: forward+backward at N = 4096
+  took 2.8 s against ``auto``'s 11.5 s, whose fused backward runs bf16 matmuls. Its many small ops
+  make it the most sensitive to a busy machine when it runs on several threads.
+* ``local`` (window 256, 16 global tokens) ran forward+backward at N = 4096 4x faster than ``auto``;
+  time and memory are linear in N (4 s and 329 MiB at N = 32768).
+* ``lowrank`` (rank 256) was 10x faster than ``auto`` at N = 4096: an approximation with learned
+  projections and a fixed ``max_len``, for long inputs of bounded length.
 """
 
 from __future__ import annotations
@@ -97,6 +105,16 @@ def _no_weights(impl: str, need_weights: bool) -> None:
         raise ValueError(f"impl={impl!r} does not return attention weights; use impl='math' (or 'auto')")
 
 
+@_register("auto")
+def _auto(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dropout_p: float,
+          need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+    if need_weights:
+        return _math(q, k, v, keep, scale, dropout_p, need_weights=True)
+    # 4-D q/k/v and a 4-D broadcastable bool mask reach the fused CPU (flash) kernel.
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p, scale=scale)
+    return out, None
+
+
 @_register("math")
 def _math(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dropout_p: float,
           need_weights: bool = True) -> tuple[Tensor, Tensor | None]:
@@ -110,19 +128,9 @@ def _math(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dr
     return out, (weights if need_weights else None)
 
 
-@_register("auto")
-def _auto(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dropout_p: float,
-          need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-    if need_weights:
-        return _math(q, k, v, keep, scale, dropout_p, need_weights=True)
-    # 4-D q/k/v and a 4-D broadcastable bool mask reach the fused CPU (flash) kernel.
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p, scale=scale)
-    return out, None
-
-
 @_register("chunked", ("block_q", "block_k"))
 def _chunked(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dropout_p: float,
-             need_weights: bool = False, block_q: int = 256, block_k: int = 512) -> tuple[Tensor, None]:
+             need_weights: bool = False, block_q: int = 512, block_k: int = 1024) -> tuple[Tensor, None]:
     _no_weights("chunked", need_weights)
     plan = dense_plan(q.shape[2], k.shape[2], _check_int("block_q", block_q, 1), _check_int("block_k", block_k, 1))
     return block_attention(q, k, v, keep, scale, dropout_p, plan), None
@@ -130,7 +138,7 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float,
 
 @_register("local", ("window", "num_global", "block_q", "block_k"))
 def _local(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dropout_p: float,
-           need_weights: bool = False, window: int | None = None, num_global: int = 0, block_q: int = 128,
+           need_weights: bool = False, window: int | None = None, num_global: int = 0, block_q: int = 256,
            block_k: int = 1024) -> tuple[Tensor, None]:
     _no_weights("local", need_weights)
     if window is None:

@@ -1,0 +1,1 @@
+"""mmfuse benchmarks: ``python -m benchmarks.run [--quick] [--only NAME]`` from the repository root."""

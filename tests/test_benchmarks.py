@@ -1,0 +1,37 @@
+"""The benchmark suite runs (on tiny shapes) and its correctness checks pass, so it cannot rot."""
+
+import json
+
+import pytest
+
+from benchmarks.run import BENCHMARKS, main
+
+EXPECTED_KEYS = {
+    "attention": {"shapes", "matmul_gflops", "rows", "targets"},
+    "memory": {"config", "rows"},
+}
+
+
+def test_every_benchmark_is_covered_here():
+    assert set(EXPECTED_KEYS) == set(BENCHMARKS)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("single_thread")  # main() sets the thread count; the fixture restores it
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_quick_benchmark_runs_and_its_checks_pass(name, tmp_path, capsys):
+    assert main(["--quick", "--only", name, "--threads", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / f"{name}.json").read_text())
+    assert {"name", "quick", "seconds", "environment", "checks"} | EXPECTED_KEYS[name] <= set(result)
+    assert result["name"] == name and result["quick"] is True
+    assert result["checks"] and all(result["checks"].values()), result["checks"]
+    assert result["rows"]
+    assert f"## {name} (quick)" in capsys.readouterr().out
+    if name == "attention":
+        # What the README tables are made from: kernel and layer rows, both modes timed and checked.
+        assert {r["group"] for r in result["rows"]} == {"kernel", "layer"}
+        row = next(r for r in result["rows"] if r["impl"] == "mmfuse auto" and r["dtype"] == "fp32")
+        assert row["fwd"]["median_s"] > 0 and row["fwd_bwd"]["median_s"] > 0
+        assert row["fwd_err"] < 1e-4 and row["grad_err"] < 1e-4
+    if name == "memory":
+        assert all(r["peak_delta_bytes"] >= 0 for r in result["rows"])
