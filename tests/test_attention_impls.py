@@ -266,7 +266,7 @@ def test_lowrank_errors():
 # --- the Attention module and auto -----------------------------------------------------------------
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"impl": "auto", "window": 4}, r"window= applies to impl in \('local',\)"),
+    ({"impl": "auto", "window": 4}, r"window= applies to impl in \['local'\], not impl='auto'"),
     ({"impl": "math", "block_q": 4}, "block_q= applies to impl in"),
     ({"impl": "chunked", "rank": 4}, "rank= applies to impl in"),
     ({"impl": "local", "num_global": 2}, "needs window="),

@@ -100,6 +100,12 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
+def _check_window(window: int | None) -> int:
+    if window is None:
+        raise ValueError("impl='local' needs window= (the number of keys each query sees)")
+    return _check_int("window", window, 1)
+
+
 def _no_weights(impl: str, need_weights: bool) -> None:
     if need_weights:
         raise ValueError(f"impl={impl!r} does not return attention weights; use impl='math' (or 'auto')")
@@ -141,9 +147,8 @@ def _local(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, d
            need_weights: bool = False, window: int | None = None, num_global: int = 0, block_q: int = 256,
            block_k: int = 1024) -> tuple[Tensor, None]:
     _no_weights("local", need_weights)
-    if window is None:
-        raise ValueError("impl='local' needs window= (the number of keys each query sees)")
-    plan = local_plan(q.shape[2], k.shape[2], window=_check_int("window", window, 1),
+    window = _check_window(window)
+    plan = local_plan(q.shape[2], k.shape[2], window=window,
                       num_global=_check_int("num_global", num_global, 0),
                       block_q=_check_int("block_q", block_q, 1), block_k=_check_int("block_k", block_k, 1),
                       device=q.device)
@@ -221,9 +226,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None =
     return out, weights
 
 
-# Attention(...) keyword options, and the implementations that use each.
-_MODULE_OPTIONS = {"window": ("local",), "num_global": ("local",), "block_q": ("chunked", "local"),
-                   "block_k": ("chunked", "local"), "rank": ("lowrank",), "max_len": ("lowrank",)}
+def _module_options(impl: str) -> tuple[str, ...]:
+    """The options Attention(impl=...) takes: attend's, except that lowrank's projections are built here."""
+    return ("rank", "max_len") if impl == "lowrank" else _OPTIONS[impl]
 
 
 class Attention(nn.Module):
@@ -246,16 +251,16 @@ class Attention(nn.Module):
         given = {"window": window, "num_global": num_global, "block_q": block_q, "block_k": block_k,
                  "rank": rank, "max_len": max_len}
         given = {name: value for name, value in given.items() if value is not None}
-        for name in given:
-            if impl not in _MODULE_OPTIONS[name]:
-                raise ValueError(f"{name}= applies to impl in {_MODULE_OPTIONS[name]}, not impl={impl!r}")
         for name, value in given.items():
+            if name not in _module_options(impl):
+                users = [other for other in _REGISTRY if name in _module_options(other)]
+                raise ValueError(f"{name}= applies to impl in {users}, not impl={impl!r}")
             _check_int(name, value, 0 if name == "num_global" else 1)
-        if impl == "local" and window is None:
-            raise ValueError("impl='local' needs window= (the number of keys each query sees)")
+        if impl == "local":
+            _check_window(window)
         self.impl = impl
         self.dropout = dropout
-        self.options = {name: given[name] for name in ("window", "num_global", "block_q", "block_k") if name in given}
+        self.options = {name: value for name, value in given.items() if name in _OPTIONS[impl]}  # for attend()
         self.proj_k: nn.Parameter | None = None
         self.proj_v: nn.Parameter | None = None
         if impl == "lowrank":
