@@ -228,7 +228,7 @@ def _targets(rows: list[dict], rates: dict) -> list[dict]:
                     min(mha) / ours if ours and mha else None, 1.0)
     for dtype in DTYPES:
         seconds = _time(rows, "fwd", shape="long", dtype=dtype, impl="mmfuse auto")
-        row = next(r for r in rows if r["shape"] == "long" and r["impl"] == "mmfuse auto")
+        row = next(r for r in rows if (r["shape"], r["dtype"], r["impl"]) == ("long", dtype, "mmfuse auto"))
         achieved = row["flops"] / seconds / 1e9 if seconds else None
         add(f"long {dtype} fwd: auto GFLOP/s / fp32 matmul GFLOP/s",
             achieved / rates["fp32"] if achieved else None, 0.6 if dtype == "fp32" else None)
