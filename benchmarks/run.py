@@ -25,7 +25,7 @@ from benchmarks.common import environment
 BENCHMARKS = {
     "attention": "benchmarks.attention",
     "memory": "benchmarks.memory",
-    # "training": "benchmarks.training",  # end-to-end easy-VQA throughput, to come
+    "training": "benchmarks.training",
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 
