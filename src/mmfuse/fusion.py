@@ -39,7 +39,15 @@ import torch
 from torch import Tensor, nn
 
 from mmfuse.layers.attention_pool import AttentionPooling
-from mmfuse.layers.common import check_context_index, check_mask, check_tokens, concat_masks, init_linear, masked_mean
+from mmfuse.layers.common import (
+    check_context_index,
+    check_mask,
+    check_tokens,
+    concat_masks,
+    gather_rows,
+    init_linear,
+    masked_mean,
+)
 from mmfuse.layers.cross_attention import AttentionBlock, apply_blocks
 from mmfuse.layers.fusion_transformer import FusionTransformer
 from mmfuse.layers.gated import GatedCrossAttention
@@ -116,7 +124,7 @@ class Fusion(nn.Module):
 
 def per_question(x: Tensor | None, image_index: Tensor | None) -> Tensor | None:
     """Rows of a per-image tensor (I, ...) for each question (B, ...); unchanged without an index."""
-    return x if x is None or image_index is None else x.index_select(0, image_index)
+    return x if x is None or image_index is None else gather_rows(x, image_index)
 
 
 def _mlp(in_dim: int, dim: int, dropout: float) -> nn.Sequential:

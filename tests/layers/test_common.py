@@ -45,3 +45,17 @@ def test_feed_forward_shapes():
     ff = FeedForward(8, mlp_ratio=2.0, out_dim=3)
     assert ff.fc1.out_features == 16
     assert ff(torch.randn(2, 5, 8)).shape == (2, 5, 3)
+
+
+def test_gather_rows_matches_indexing_forward_and_backward():
+    from mmfuse.layers.common import gather_rows
+
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([4, 0, 0, 2, 4, 4])
+    out = gather_rows(x, index)
+    torch.testing.assert_close(out, x[index], rtol=0, atol=0)
+    grad = torch.randn_like(out)
+    (g,) = torch.autograd.grad(out, x, grad)
+    (ref,) = torch.autograd.grad(x[index], x, grad)
+    torch.testing.assert_close(g, ref)
+    assert torch.equal(gather_rows(torch.arange(5)[:, None], index), torch.arange(5)[index][:, None])

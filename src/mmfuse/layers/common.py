@@ -14,7 +14,14 @@ from torch import Tensor, nn
 from mmfuse.attention import check_key_padding_mask
 
 __all__ = [
-    "FeedForward", "check_context_index", "check_mask", "check_tokens", "concat_masks", "init_linear", "masked_mean",
+    "FeedForward",
+    "check_context_index",
+    "check_mask",
+    "check_tokens",
+    "concat_masks",
+    "gather_rows",
+    "init_linear",
+    "masked_mean",
 ]
 
 
@@ -41,6 +48,19 @@ def check_context_index(index: Tensor, batch: int, num_contexts: int) -> None:
     if batch and not (0 <= int(index.min()) and int(index.max()) < num_contexts):
         raise ValueError(f"context_index values must be in [0, {num_contexts}), got "
                          f"[{int(index.min())}, {int(index.max())}]")
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x[index]`` along dim 0, (I, ...) -> (B, ...), for float tensors as a one-hot matmul.
+
+    The gradient of an index gather is a scatter-add, which runs serially on CPU; as a matmul both
+    directions are one BLAS call (a few ms less per VQA training step). Exact in the forward pass:
+    each output row is one input row times 1 plus zeros.
+    """
+    if not x.is_floating_point() or x.shape[0] > 4096:
+        return x.index_select(0, index)
+    one_hot = torch.nn.functional.one_hot(index, x.shape[0]).to(x.dtype)  # (B, I)
+    return (one_hot @ x.reshape(x.shape[0], -1)).reshape(index.shape[0], *x.shape[1:])
 
 
 def concat_masks(masks: list[Tensor | None], tokens: list[Tensor]) -> Tensor | None:
