@@ -52,7 +52,7 @@ class TrainConfig:
 
     data: str = EASY_VQA
     out: str = "runs/latest"
-    epochs: int = 8
+    epochs: int = 9
     images_per_batch: int = 32
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 3e-3
@@ -71,7 +71,7 @@ class TrainConfig:
     threads: int = 0  # 0: torch's default
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: only at epoch ends)
     eval_split: str = "test"
-    eval_every: int = 1  # evaluate every N epochs (and always after the last); 0: only after the last
+    eval_every: int = 0  # evaluate every N epochs (and always after the last); 0: only after the last
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
     model: dict[str, Any] = field(default_factory=dict)  # VQAConfig fields (num_answers/vocab_size derived)
 
@@ -150,8 +150,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     for g in groups:
         g["lr"] = cfg.lr * g["lr_mult"]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), foreach=True)
 
 
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:

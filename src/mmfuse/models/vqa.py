@@ -74,7 +74,9 @@ class VQAConfig:
     num_heads: int = 4
     depth: int = 2
     dropout: float = 0.0  # easy-VQA needs none; dropout also costs ~15% of a CPU step
-    impl: str = "auto"
+    # At VQA's short sequences (about 11 question tokens, 64 image tokens, head dim 16) the explicit
+    # path trains ~25% faster on CPU than the fused kernel, whose backward costs more than it saves there.
+    impl: str = "math"
     head_hidden: int = 0  # > 0: an MLP answer head with this many hidden units
     fusion_options: dict[str, Any] = field(default_factory=dict)
 
