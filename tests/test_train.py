@@ -83,7 +83,8 @@ def test_run_directory_holds_a_loadable_model(tiny, tmp_path):
     assert "test_accuracy" in rows[0] and 0.0 <= rows[-1]["test_accuracy"] <= 1.0
     assert metrics["epoch"] == 2
     model = VQAModel.from_pretrained(run)
-    assert model.config.fusion == "cross_attention"
+    assert model.config.fusion == "fusion_transformer"  # the default
+    assert model.answers.names == sorted({"red", "blue", "square", "circle", "yes", "no"})
     assert not list(run.glob("*.tmp")), "temporary files left behind"
 
 
