@@ -17,6 +17,7 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/mmfuse train --out runs/demo --report
+	$(BIN)/mmfuse evaluate --checkpoint runs/demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a VQA model (default: easy-VQA, the default model)")
     _add_data(p)
-    p.add_argument("--out", help="run directory (default: runs/<fusion>-<seed>)")
+    p.add_argument("--out", help="run directory (default: runs/<fusion>-seed<seed>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run with its own settings")
     p.add_argument("--report", action="store_true", help="write RUN_DIR/report.md after training")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -184,7 +184,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         model = _model_options(args)
         options = _train_options(args)
-        out = Path(args.out or f"runs/{model.get('fusion', 'default')}-{options.get('seed', 0)}")
+        from mmfuse.models import VQAConfig
+
+        fusion = model.get("fusion", VQAConfig.__dataclass_fields__["fusion"].default)
+        out = Path(args.out or f"runs/{fusion}-seed{options.get('seed', 0)}")
         cfg = TrainConfig(data=args.data, out=str(out), progress=progress, model=model, **options)
         result = Trainer(cfg).fit()
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=None))
