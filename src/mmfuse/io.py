@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-__all__ = ["CheckpointError", "atomic_path", "atomic_write_text", "load_weights", "read_json", "write_safetensors"]
+__all__ = [
+    "CheckpointError", "atomic_path", "atomic_write_text", "dataclass_from_dict", "load_weights", "read_json",
+    "write_safetensors",
+]
+
+
+T = TypeVar("T")
 
 
 class CheckpointError(ValueError):
@@ -50,6 +57,14 @@ def write_safetensors(path: str | os.PathLike, state: dict[str, Tensor],
     tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+
+
+def dataclass_from_dict(cls: type[T], d: dict[str, Any], what: str) -> T:
+    """``cls(**d)``, refusing keys that are not fields of ``cls`` with a ``ValueError`` naming them."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}")
+    return cls(**d)
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from mmfuse.data import EASY_VQA, AnswerVocab, ImageGroupedBatches, VQASplit, WordTokenizer, encode_answers, load_split
 from mmfuse.evaluate import evaluate
-from mmfuse.io import CheckpointError, atomic_write_text, read_json, write_safetensors
+from mmfuse.io import CheckpointError, atomic_write_text, dataclass_from_dict, read_json, write_safetensors
 from mmfuse.layers import CrossAttention
 from mmfuse.models.vqa import VQAConfig, VQAModel
 
@@ -92,11 +92,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown training settings {unknown}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "training settings")
 
 
 class TrainingDiverged(RuntimeError):

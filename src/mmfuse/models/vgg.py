@@ -33,7 +33,14 @@ from torch import Tensor, nn
 from mmfuse.attention import IMPLS
 from mmfuse.encoders.vgg import VGG
 from mmfuse.encoders.vision import PositionalEmbedding2d, feature_map_to_tokens, tokens_to_feature_map
-from mmfuse.io import CheckpointError, atomic_write_text, load_weights, read_json, write_safetensors
+from mmfuse.io import (
+    CheckpointError,
+    atomic_write_text,
+    dataclass_from_dict,
+    load_weights,
+    read_json,
+    write_safetensors,
+)
 from mmfuse.layers.common import check_tokens, init_linear
 from mmfuse.layers.cross_attention import CrossAttention
 
@@ -101,11 +108,7 @@ class VGGCrossAttentionConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VGGCrossAttentionConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown VGGCrossAttentionConfig fields: {unknown}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "VGGCrossAttentionConfig fields")
 
 
 class _LevelCrossAttention(nn.Module):

@@ -31,7 +31,14 @@ from mmfuse.encoders.text import TransformerTextEncoder
 from mmfuse.encoders.vgg import VGG
 from mmfuse.encoders.vision import ConvEncoder
 from mmfuse.fusion import FusionOutput
-from mmfuse.io import CheckpointError, atomic_write_text, load_weights, read_json, write_safetensors
+from mmfuse.io import (
+    CheckpointError,
+    atomic_write_text,
+    dataclass_from_dict,
+    load_weights,
+    read_json,
+    write_safetensors,
+)
 from mmfuse.layers import AttentionPooling
 
 __all__ = ["VQAConfig", "VQAModel", "normalize_images"]
@@ -102,11 +109,7 @@ class VQAConfig:
         d = dict(d)
         if d.pop("model_type", _MODEL_TYPE) != _MODEL_TYPE:
             raise ValueError(f"not a VQA model config (model_type={d.get('model_type')!r})")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "config keys")
 
 
 class VQAModel(nn.Module):
