@@ -294,5 +294,5 @@ def test_limit_and_the_command_line(trained, tmp_path, capsys):
     assert main(argv) == 0
     report = json.loads((out / "robustness.json").read_text())
     assert report["num_images"] == 2 and report["num_questions"] == 6 and report["seed"] == 3
-    assert [m["name"] for m in report["models"]] == ["cross_attention"]
+    assert [m["name"] for m in report["models"]] == [VQAModel.from_pretrained(run).config.fusion]
     assert "## Summary" in capsys.readouterr().out
