@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ablate", help="train several fusions with the same budget and tabulate them")
     _add_data(p)
     p.add_argument("--fusions", help="comma-separated fusion names (default: a representative set)")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="epochs per fusion (default: the training default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--no-progress", action="store_true")
@@ -259,11 +259,11 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     unknown = [f for f in fusions if f not in fusion_registry.available()]
     if unknown:
         raise UsageError(f"unknown fusion(s) {unknown}; choose from {fusion_registry.available()}")
-    kwargs: dict[str, Any] = {"data": args.data, "fusions": fusions, "seed": args.seed, "out_dir": args.out,
-                              "progress": False if args.no_progress else None}
-    if args.epochs is not None:
-        kwargs["epochs"] = args.epochs
-    run_ablation(**kwargs)
+    from mmfuse.train import TrainConfig
+
+    epochs = args.epochs if args.epochs is not None else TrainConfig.__dataclass_fields__["epochs"].default
+    run_ablation(data=args.data, fusions=fusions, epochs=epochs, seed=args.seed, out_dir=args.out,
+                 progress=False if args.no_progress else None)
     print((Path(args.out) / "results.md").read_text(encoding="utf-8"))
     return 0
 
