@@ -2,18 +2,8 @@
 
 They are :class:`~mmfuse.encoders.vision.ConvEncoder` s with VGG's block layout.
 
-A vision encoder in mmfuse returns a sequence of tokens, one per feature-map position, never a pooled
-vector: attention needs real positions to attend over (VGG16 on a 224x224 image gives 7x7 = 49).
-
-Shapes::
-
-    B   batch             C   channels of a feature map (``out_dim`` for the last one)
-    H, W  image size      h, w  feature-map grid (``grid(image_size)``)
-
-    images: (B, 3, H, W), already normalised    tokens: (B, h*w, out_dim), row-major positions
-
-Tokens are ``feat.flatten(2).transpose(1, 2)``: token ``i * w + j`` is feature-map position (i, j)
-with all of its channels. (``feat.view(B, -1, C)`` would interleave channels and positions.)
+VGG16 on a 224x224 image gives 7x7 = 49 tokens; shapes and token order as in
+:mod:`mmfuse.encoders.vision`.
 """
 
 from __future__ import annotations
