@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 __all__ = [
-    "CheckpointError", "atomic_path", "atomic_write_text", "dataclass_from_dict", "load_weights", "read_json",
-    "write_safetensors",
+    "CheckpointError", "atomic_path", "atomic_write_text", "dataclass_from_dict", "load_checked", "load_weights",
+    "read_json", "write_safetensors",
 ]
 
 
@@ -90,6 +90,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
         state = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from e
+    load_checked(model, state, path)
+
+
+def load_checked(model: nn.Module, state: dict[str, Tensor], path: str | os.PathLike) -> None:
+    """``model.load_state_dict(state)`` after checking names and shapes; errors name ``path``."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

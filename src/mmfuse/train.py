@@ -35,7 +35,14 @@ from tqdm import tqdm
 
 from mmfuse.data import EASY_VQA, AnswerVocab, ImageGroupedBatches, VQASplit, WordTokenizer, encode_answers, load_split
 from mmfuse.evaluate import evaluate
-from mmfuse.io import CheckpointError, atomic_write_text, dataclass_from_dict, read_json, write_safetensors
+from mmfuse.io import (
+    CheckpointError,
+    atomic_write_text,
+    dataclass_from_dict,
+    load_checked,
+    read_json,
+    write_safetensors,
+)
 from mmfuse.layers import CrossAttention
 from mmfuse.models.vqa import VQAConfig, VQAModel
 
@@ -242,9 +249,8 @@ class Trainer:
         for pid, st in opt["state"].items():
             for k, v in st.items():
                 tensors[f"optim.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-        groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]}
-                  for g in opt["param_groups"]]
-        meta = {"position": json.dumps(dataclasses.asdict(self.pos)), "param_groups": json.dumps(groups)}
+        meta = {"position": json.dumps(dataclasses.asdict(self.pos)),
+                "param_groups": json.dumps(opt["param_groups"])}
         return tensors, meta
 
     def save_checkpoint(self) -> None:
@@ -275,7 +281,7 @@ class Trainer:
         except Exception as e:  # safetensors' own error types for truncated files
             raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from e
         model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        _load_state_dict(self.model, model_state, path)
+        load_checked(self.model, model_state, path)
         state: dict[int, dict[str, Tensor]] = {}
         for k, v in tensors.items():
             if k.startswith("optim."):
@@ -382,13 +388,6 @@ class Trainer:
         t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t)
         return t.tolist()
-
-
-def _load_state_dict(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
-    own = model.state_dict()
-    if set(own) != set(state) or any(state[k].shape != own[k].shape for k in own):
-        raise CheckpointError(f"{path}: model weights do not match the run's config")
-    model.load_state_dict(state)
 
 
 def _append_metrics(path: Path, row: dict[str, Any]) -> None:
