@@ -56,10 +56,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _model_options(args: argparse.Namespace) -> dict[str, Any]:
-    names = {"fusion": "fusion", "vision": "vision", "vgg_width": "vgg_width", "pool_queries": "pool_queries",
-             "text": "text", "hf_path": "hf_path", "dim": "dim", "depth": "depth", "num_heads": "num_heads",
-             "dropout": "dropout", "impl": "impl", "image_size": "image_size"}
-    options = {key: getattr(args, arg) for arg, key in names.items() if getattr(args, arg, None) is not None}
+    names = ("fusion", "vision", "vgg_width", "pool_queries", "text", "hf_path", "dim", "depth", "num_heads",
+             "dropout", "impl", "image_size")  # flags named as the VQAConfig fields they set
+    options = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     if getattr(args, "hf_finetune", False):
         options["hf_freeze"] = False
     if options.get("text") == "hf" and "hf_path" not in options:
