@@ -7,7 +7,7 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmfuse._attention_blocked import dense_plan, local_plan
-from mmfuse.attention import IMPLS, Attention, attend, local_attention_mask
+from mmfuse.attention import IMPLS, SMALL_SCORES, Attention, attend, local_attention_mask
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -294,13 +294,34 @@ def test_attention_module_passes_its_options(impl, options):
     assert all(f"{name}={value}" in repr(attn) for name, value in options.items())
 
 
+def kernels_run(fn) -> set[str]:
+    with profile() as prof:
+        fn()
+    return {event.name for event in prof.events()}
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_auto_runs_the_fused_kernel(masked):
-    q, k, v = qkv(B=2, H=2, Nq=16, Nk=64, D=32, requires_grad=True)
-    mask = padding_mask(2, 64) if masked else None
-    with profile() as prof:
+    q, k, v = qkv(B=2, H=2, Nq=64, Nk=128, D=32, requires_grad=True)  # above SMALL_SCORES
+    mask = padding_mask(2, 128) if masked else None
+
+    def step():
         out, _ = Attention(impl="auto")(q, k, v, key_padding_mask=mask)
         out.sum().backward()
-    names = {event.name for event in prof.events()}
+
+    names = kernels_run(step)
     assert FUSED_KERNEL in names
     assert "aten::_softmax" not in names  # no explicit-softmax fallback
+
+
+def test_auto_runs_math_for_small_problems_on_cpu():
+    q, k, v = qkv(B=2, H=2, Nq=16, Nk=64, D=32, requires_grad=True)
+    assert q.shape[2] * k.shape[2] <= SMALL_SCORES
+    names = kernels_run(lambda: attend(q, k, v, impl="auto")[0].sum().backward())
+    assert FUSED_KERNEL not in names and "aten::_softmax" in names
+    with torch.no_grad():
+        names = kernels_run(lambda: attend(q, k, v, impl="auto"))
+    assert FUSED_KERNEL not in names and "aten::_softmax" in names
+    # bf16 stays on the fused kernel, which computes it in fp32; explicit bf16 matmuls may be emulated.
+    q, k, v = (x.detach().bfloat16() for x in (q, k, v))
+    assert FUSED_KERNEL in kernels_run(lambda: attend(q, k, v, impl="auto"))

@@ -18,8 +18,9 @@ gradients stay finite.
 Implementations (``impl=``) and their options:
 
 ``auto``
-    ``torch.nn.functional.scaled_dot_product_attention`` (the fused kernel) when no weights are asked
-    for, else ``math``.
+    ``torch.nn.functional.scaled_dot_product_attention`` (the fused kernel), except that it runs
+    ``math`` when weights are asked for, and for fp32/fp64 on CPU when each (batch, head) has at most
+    ``SMALL_SCORES`` = 64 x 64 scores, where the explicit path is faster.
 ``math``
     Explicit ``softmax(q k^T / sqrt(D)) v``; the reference, and the only one that returns weights.
 ``chunked`` (``block_q=512, block_k=1024``)
@@ -36,19 +37,19 @@ Implementations (``impl=``) and their options:
     :class:`Attention` owns the projections (``rank=``, ``max_len=``). Weights: no (they would be over
     the ``rank`` projected rows, not over keys).
 
-When each wins, measured on the 2-core AVX2 development machine (one thread, fp32 unless said, Nq = Nk
+When each wins, measured on the 2-core AVX2 development machine (two threads, fp32 unless said, Nq = Nk
 = N, 8 heads of 64; ``benchmarks/README.md`` has the tables and the command):
 
-* ``auto`` is the fastest exact choice. At N = 4096 it runs the forward 3.7x and forward+backward
-  2.1x faster than naive matmul-softmax-matmul, at 86% of the machine's fp32 matmul rate, and its
-  memory is linear in N (322 MiB for forward+backward at N = 32768). At fusion shapes (16 queries,
-  64 keys) it costs about what ``math`` does.
+* ``auto`` is the fastest exact choice. At N = 4096 the fused kernel runs the forward 3.5x and
+  forward+backward 2.5x faster than naive matmul-softmax-matmul (the forward at 80% of the machine's
+  fp32 matmul rate), and its memory is linear in N (322 MiB for forward+backward at N = 32768). At
+  fusion shapes (16 queries, 64 keys) ``auto`` runs ``math``: see ``SMALL_SCORES`` below.
 * ``math``: when the weights are wanted. Its memory is quadratic: 6 GiB at N = 8192.
-* ``chunked`` is exact with linear memory too (420 MiB at N = 32768) but in fp32 about 1.4x slower
+* ``chunked`` is exact with linear memory too (420 MiB at N = 32768) but in fp32 about 1.5x slower
   than the fused kernel. It wins for bf16 on CPUs without bf16 units: forward+backward at N = 4096
-  took 2.8 s against ``auto``'s 11.5 s, whose fused backward runs bf16 matmuls. Its many small ops
+  took 1.7 s against ``auto``'s 5.3 s, whose fused backward runs bf16 matmuls. Its many small ops
   make it the most sensitive to a busy machine when it runs on several threads.
-* ``local`` (window 256, 16 global tokens) ran forward+backward at N = 4096 4x faster than ``auto``;
+* ``local`` (window 256, 16 global tokens) ran forward+backward at N = 4096 3.7x faster than ``auto``;
   time and memory are linear in N (4 s and 329 MiB at N = 32768).
 * ``lowrank`` (rank 256) was 10x faster than ``auto`` at N = 4096: an approximation with learned
   projections and a fixed ``max_len``, for long inputs of bounded length.
@@ -65,7 +66,7 @@ from torch import Tensor, nn
 
 from mmfuse._attention_blocked import block_attention, dense_plan, local_attention_mask, local_plan
 
-__all__ = ["IMPLS", "Attention", "attend", "check_key_padding_mask", "flops", "local_attention_mask"]
+__all__ = ["IMPLS", "SMALL_SCORES", "Attention", "attend", "check_key_padding_mask", "flops", "local_attention_mask"]
 
 # An implementation takes (q, k, v, keep, scale, dropout_p, **options) where `keep` is None or a
 # (B, 1, 1, Nk) bool tensor with every sample keeping at least one key, and returns (out, weights|None).
@@ -111,11 +112,24 @@ def _no_weights(impl: str, need_weights: bool) -> None:
         raise ValueError(f"impl={impl!r} does not return attention weights; use impl='math' (or 'auto')")
 
 
+# On CPU, up to this many scores per (batch, head) the explicit path is faster than the fused kernel,
+# which pays a fixed cost per tile (2-core AVX2 machine, fp32, B = 64: 16 x 64 scores with 8 heads of 32,
+# forward+backward 9.0 ms against 14.9 ms, forward 2.7 ms against 3.5 ms; 11 x 64 with 4 heads of 16,
+# forward 0.5 ms against 1.5 ms; from 128 x 128 on the fused kernel wins). Such score tensors are small.
+SMALL_SCORES = 64 * 64
+
+
+def _small_on_cpu(q: Tensor, k: Tensor) -> bool:
+    # fp32/fp64 only: the fused kernel computes half types in fp32, while explicit bf16 matmuls are
+    # emulated on CPUs without bf16 units (10x slower at the fusion shape).
+    full = q.dtype in (torch.float32, torch.float64)
+    return full and q.device.type == "cpu" and q.shape[2] * k.shape[2] <= SMALL_SCORES
+
 @_register("auto")
 def _auto(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dropout_p: float,
           need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-    if need_weights:
-        return _math(q, k, v, keep, scale, dropout_p, need_weights=True)
+    if need_weights or _small_on_cpu(q, k):
+        return _math(q, k, v, keep, scale, dropout_p, need_weights=need_weights)
     # 4-D q/k/v and a 4-D broadcastable bool mask reach the fused CPU (flash) kernel.
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p, scale=scale)
     return out, None
