@@ -138,9 +138,10 @@ def _auto(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dr
 @_register("math")
 def _math(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dropout_p: float,
           need_weights: bool = True) -> tuple[Tensor, Tensor | None]:
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, Nq, Nk)
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, H, Nq, Nk)
     if keep is not None:
-        scores = scores.masked_fill(~keep, float("-inf"))
+        # Adding a (B, 1, 1, Nk) bias of 0 / -inf in place costs less than a masked_fill copy of the scores.
+        scores.add_(torch.zeros(keep.shape, dtype=scores.dtype, device=scores.device).masked_fill_(~keep, -math.inf))
     # Softmax in at least float32: under bf16 autocast the row sums would otherwise drift.
     weights = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
     probs = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
