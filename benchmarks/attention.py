@@ -4,8 +4,9 @@ Two groups, each at the fusion shape (B=64, H=8, Nq=16, Nk=64, D=32, a padded co
 shape (B=1, H=8, Nq=Nk=4096, D=64), in float32 and bfloat16, forward and forward+backward:
 
 * ``kernel``: (B, H, N, D) tensors in, attention out. ``attend(impl="auto")`` and ``chunked`` against
-  :func:`benchmarks.common.naive_attention`; at the long fp32 shape also the approximate ``local`` and
-  ``lowrank`` for scale.
+  :func:`benchmarks.common.naive_attention`; at the fusion shape, where ``auto`` runs ``math`` on CPU,
+  also PyTorch's fused kernel; at the long fp32 shape also the approximate ``local`` and ``lowrank``
+  for scale.
 * ``layer``: the full layer with projections, like with like. ``CrossAttention(E, E, num_heads=H)``
   against ``nn.MultiheadAttention(E, H, batch_first=True)`` holding the same weights, with
   ``need_weights=True`` (its default) and ``need_weights=False``.
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.common import fmt, markdown_table, matmul_gflops, naive_attention, time_interleaved
-from mmfuse.attention import attend, flops
+from mmfuse.attention import SMALL_SCORES, attend, flops
 from mmfuse.layers import CrossAttention
 
 SHAPES = {
@@ -39,7 +40,7 @@ QUICK_SHAPES = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Largest error allowed relative to the reference's largest magnitude.
 TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}
-EXACT = ("mmfuse auto", "naive", "mmfuse chunked", "CrossAttention (auto)", "MHA need_weights=True",
+EXACT = ("mmfuse auto", "naive", "mmfuse chunked", "torch fused SDPA", "CrossAttention (auto)", "MHA need_weights=True",
          "MHA need_weights=False")
 # These run plain matmuls, so their forward time is predictable from the machine's matmul rate; on a CPU
 # without bf16 units that rate is ~1 GFLOP/s and the long bf16 shape would take minutes.
@@ -66,6 +67,10 @@ def _kernel_cases(shape: dict, dtype_name: str) -> dict[str, Case]:
         "naive": (naive_attention, []),
         "mmfuse chunked": (lambda q, k, v, m: attend(q, k, v, key_padding_mask=m, impl="chunked")[0], []),
     }
+    if shape["Nq"] * shape["Nk"] <= SMALL_SCORES:  # auto runs math on CPU here; show the kernel it passes over
+        sdpa = nn.functional.scaled_dot_product_attention
+        cases["torch fused SDPA"] = (
+            lambda q, k, v, m: sdpa(q, k, v, attn_mask=None if m is None else m[:, None, None]), [])
     if shape["Nk"] >= 1024 and dtype_name == "fp32":
         window, rank = 256, 256
         E, F = (torch.randn(rank, shape["Nk"]) / shape["Nk"] ** 0.5 for _ in range(2))
