@@ -125,6 +125,7 @@ def _small_on_cpu(q: Tensor, k: Tensor) -> bool:
     full = q.dtype in (torch.float32, torch.float64)
     return full and q.device.type == "cpu" and q.shape[2] * k.shape[2] <= SMALL_SCORES
 
+
 @_register("auto")
 def _auto(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dropout_p: float,
           need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
