@@ -41,9 +41,10 @@ When each wins, measured on the 2-core AVX2 development machine (two threads, fp
 = N, 8 heads of 64; ``benchmarks/README.md`` has the tables and the command):
 
 * ``auto`` is the fastest exact choice. At N = 4096 the fused kernel runs the forward 3.5x and
-  forward+backward 2.5x faster than naive matmul-softmax-matmul (the forward at 80% of the machine's
-  fp32 matmul rate), and its memory is linear in N (322 MiB for forward+backward at N = 32768). At
-  fusion shapes (16 queries, 64 keys) ``auto`` runs ``math``: see ``SMALL_SCORES`` below.
+  forward+backward 2.2x-2.7x faster than naive matmul-softmax-matmul (the forward at 77% of the
+  machine's fp32 matmul rate), and its memory is linear in N (322 MiB for forward+backward at
+  N = 32768). At fusion shapes (16 queries, 64 keys) ``auto`` runs ``math``, forward+backward 1.8x
+  faster than the fused kernel there: see ``SMALL_SCORES`` below.
 * ``math``: when the weights are wanted. Its memory is quadratic: 6 GiB at N = 8192.
 * ``chunked`` is exact with linear memory too (420 MiB at N = 32768) but in fp32 about 1.5x slower
   than the fused kernel. It wins for bf16 on CPUs without bf16 units: forward+backward at N = 4096
