@@ -63,6 +63,20 @@ def test_shared_images_and_repeated_questions_change_nothing():
     assert_close(shared[0], shared[3])
 
 
+def test_repeated_questions_backward_has_no_scatter_add():
+    """The shared encodings are spread to their rows by a matmul: an indexing's scatter-add backward
+    accumulates in a thread-dependent order, which made two-thread training runs differ."""
+    from torch.profiler import profile
+
+    model = make("fusion_transformer").train()
+    images, ids, mask, index = inputs(model)
+    with profile() as prof:
+        model(images, ids, mask, index).sum().backward()
+    names = {event.name for event in prof.events()}
+    assert not names & {"aten::index_put_", "aten::_index_put_impl_", "aten::index_add_", "aten::scatter_add_"}
+    assert model.text.embed.weight.grad is not None
+
+
 def test_uint8_images_are_normalised_inside_the_model():
     model = make().eval()
     images, ids, mask, index = inputs(model)

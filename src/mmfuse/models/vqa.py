@@ -40,6 +40,7 @@ from mmfuse.io import (
     write_safetensors,
 )
 from mmfuse.layers import AttentionPooling
+from mmfuse.layers.common import gather_rows
 
 __all__ = ["VQAConfig", "VQAModel", "normalize_images"]
 
@@ -181,7 +182,8 @@ class VQAModel(nn.Module):
         if unique.shape[0] == rows.shape[0]:
             return self.text(ids, text_mask)
         L = ids.shape[1]
-        return self.text(unique[:, :L], unique[:, L:].bool())[inverse]  # (Q, L, text_dim)
+        # gather_rows, not [inverse]: the indexing's scatter-add backward is not deterministic on 2+ threads.
+        return gather_rows(self.text(unique[:, :L], unique[:, L:].bool()), inverse)  # (Q, L, text_dim)
 
     def fuse(self, images: Tensor, ids: Tensor, text_mask: Tensor, image_index: Tensor | None = None, *,
              need_weights: bool = False) -> FusionOutput:
