@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from torch.profiler import profile
 from torch.testing import assert_close
 
 from mmfuse.data import AnswerVocab, WordTokenizer
@@ -66,8 +67,6 @@ def test_shared_images_and_repeated_questions_change_nothing():
 def test_repeated_questions_backward_has_no_scatter_add():
     """The shared encodings are spread to their rows by a matmul: an indexing's scatter-add backward
     accumulates in a thread-dependent order, which made two-thread training runs differ."""
-    from torch.profiler import profile
-
     model = make("fusion_transformer").train()
     images, ids, mask, index = inputs(model)
     with profile() as prof:
