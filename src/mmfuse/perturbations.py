@@ -172,62 +172,63 @@ def _typo(word: str, op: float, where: float, letter: float) -> str:
     return word[:i] + word[i + 1:]
 
 
-def typos(questions: Sequence[str], severity: int, generator: torch.Generator) -> list[str]:
-    """Misspell words (runs of >= 2 letters), each with chance 0.1 to 0.5: swap, replace or drop a letter."""
+def _each_question(edit: Callable[[str, float, torch.Generator], str], questions: Sequence[str], severity: int,
+                   generator: torch.Generator) -> list[str]:
+    """``edit(question, rate, generator)`` on each question in turn; severity 0 changes nothing."""
     _check_questions(questions, severity)
     if severity == 0:
         return list(questions)
     rate = _WORD_RATE[severity]
-    out = []
-    for q in questions:
-        words = list(_TYPO_WORD.finditer(q))
-        # per word: hit, operation, position, letter
-        draws = torch.rand((len(words), 4), generator=generator).tolist()  # (words, 4)
-        pieces, end = [], 0
-        for m, (hit, op, where, letter) in zip(words, draws, strict=True):
-            pieces += [q[end:m.start()], _typo(m.group(), op, where, letter) if hit < rate else m.group()]
-            end = m.end()
-        out.append("".join(pieces) + q[end:])
-    return out
+    return [edit(q, rate, generator) for q in questions]
+
+
+def _misspell(q: str, rate: float, generator: torch.Generator) -> str:
+    words = list(_TYPO_WORD.finditer(q))
+    # per word: hit, operation, position, letter
+    draws = torch.rand((len(words), 4), generator=generator).tolist()  # (words, 4)
+    pieces, end = [], 0
+    for m, (hit, op, where, letter) in zip(words, draws, strict=True):
+        pieces += [q[end:m.start()], _typo(m.group(), op, where, letter) if hit < rate else m.group()]
+        end = m.end()
+    return "".join(pieces) + q[end:]
+
+
+def _drop_words(q: str, rate: float, generator: torch.Generator) -> str:
+    words = q.split()
+    draws = torch.rand(len(words), generator=generator).tolist()
+    kept = [w for w, d in zip(words, draws, strict=True) if d >= rate]
+    if words and not kept:  # the word least likely to go stays: it is kept at every lower severity too
+        kept = [words[max(range(len(words)), key=draws.__getitem__)]]
+    return q if len(kept) == len(words) else " ".join(kept)
+
+
+def _swap_words(q: str, rate: float, generator: torch.Generator) -> str:
+    words = q.split()
+    draws = torch.rand(max(len(words) - 1, 0), generator=generator).tolist()
+    i, swapped = 0, False
+    while i < len(words) - 1:
+        if draws[i] < rate:
+            words[i], words[i + 1] = words[i + 1], words[i]
+            swapped = True
+            i += 2
+        else:
+            i += 1
+    return " ".join(words) if swapped else q
+
+
+def typos(questions: Sequence[str], severity: int, generator: torch.Generator) -> list[str]:
+    """Misspell words (runs of >= 2 letters), each with chance 0.1 to 0.5: swap, replace or drop a letter."""
+    return _each_question(_misspell, questions, severity, generator)
 
 
 def word_drop(questions: Sequence[str], severity: int, generator: torch.Generator) -> list[str]:
     """Drop whitespace-separated words, each with chance 0.1 to 0.5; at least one word always stays."""
-    _check_questions(questions, severity)
-    if severity == 0:
-        return list(questions)
-    rate = _WORD_RATE[severity]
-    out = []
-    for q in questions:
-        words = q.split()
-        draws = torch.rand(len(words), generator=generator).tolist()
-        kept = [w for w, d in zip(words, draws, strict=True) if d >= rate]
-        if words and not kept:  # the word least likely to go stays: it is kept at every lower severity too
-            kept = [words[max(range(len(words)), key=draws.__getitem__)]]
-        out.append(q if len(kept) == len(words) else " ".join(kept))
-    return out
+    return _each_question(_drop_words, questions, severity, generator)
 
 
 def word_swap(questions: Sequence[str], severity: int, generator: torch.Generator) -> list[str]:
     """Swap neighbouring words: each pair with chance 0.1 to 0.5, left to right, no word moved twice."""
-    _check_questions(questions, severity)
-    if severity == 0:
-        return list(questions)
-    rate = _WORD_RATE[severity]
-    out = []
-    for q in questions:
-        words = q.split()
-        draws = torch.rand(max(len(words) - 1, 0), generator=generator).tolist()
-        i, swapped = 0, False
-        while i < len(words) - 1:
-            if draws[i] < rate:
-                words[i], words[i + 1] = words[i + 1], words[i]
-                swapped = True
-                i += 2
-            else:
-                i += 1
-        out.append(" ".join(words) if swapped else q)
-    return out
+    return _each_question(_swap_words, questions, severity, generator)
 
 
 @dataclass(frozen=True)
