@@ -88,9 +88,11 @@ def write_predictions(result: EvalResult, path: str | os.PathLike) -> None:
     """One JSON line per question: question, answer, prediction, probability, correct, image."""
     split = result.split
     names = result.answer_names
+    # Plain lists: result.correct compares every row, and per-element tensor indexing is slow.
+    columns = (result.predictions.tolist(), result.probabilities.tolist(), result.correct.tolist(),
+               split.image_index.tolist())
     with open(Path(path), "w", encoding="utf-8") as f:
-        for i, (q, a) in enumerate(zip(split.questions, split.answers, strict=True)):
-            row = {"question": q, "answer": a, "prediction": names[int(result.predictions[i])],
-                   "probability": round(float(result.probabilities[i]), 6), "correct": bool(result.correct[i]),
-                   "image": split.image_paths[int(split.image_index[i])]}
+        for q, a, pred, prob, correct, image in zip(split.questions, split.answers, *columns, strict=True):
+            row = {"question": q, "answer": a, "prediction": names[pred], "probability": round(prob, 6),
+                   "correct": correct, "image": split.image_paths[image]}
             f.write(json.dumps(row) + "\n")
