@@ -357,7 +357,7 @@ class Trainer:
             pos.step_in_epoch += 1
             pos.global_step += 1
             bar.set_postfix(loss=f"{pos.loss_sum / pos.seen:.3f}", acc=f"{pos.correct / pos.seen:.3f}",
-                            qps=f"{(pos.seen - done_before) / (time.perf_counter() - t0):.0f}")
+                            qps=f"{(pos.seen - done_before) / (time.perf_counter() - t0):.0f}", refresh=False)
             if (cfg.checkpoint_every and pos.global_step % cfg.checkpoint_every == 0
                     and pos.step_in_epoch < len(self.batches)):
                 self.save_checkpoint()
