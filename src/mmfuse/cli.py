@@ -163,10 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_data(run_dir: Path) -> str:
+    from mmfuse.io import read_json
+    from mmfuse.train import RUN_CONFIG
+
     try:
-        return json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["data"]
-    except (OSError, ValueError, KeyError) as e:
-        raise UsageError(f"{run_dir}: no run.json with the training data; pass --data") from e
+        return read_json(run_dir / RUN_CONFIG)["data"]
+    except (ValueError, KeyError) as e:  # read_json's CheckpointError is a ValueError
+        raise UsageError(f"{run_dir}: no {RUN_CONFIG} with the training data; pass --data") from e
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -295,14 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    from mmfuse.data import DataError
-    from mmfuse.io import CheckpointError
-
     try:
         return COMMANDS[args.command](args)
-    except (UsageError, DataError, CheckpointError, FileNotFoundError) as e:
-        parser.exit(2, f"mmfuse: error: {e}\n")
-    except ValueError as e:  # settings rejected by a config's checks
+    # DataError and CheckpointError are ValueErrors, as are settings rejected by a config's checks.
+    except (UsageError, FileNotFoundError, ValueError) as e:
         parser.exit(2, f"mmfuse: error: {e}\n")
     except KeyboardInterrupt:
         parser.exit(130, "mmfuse: interrupted\n")
