@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from mmfuse.data.vocab import WordTokenizer
 from mmfuse.layers import AttentionBlock
+from mmfuse.layers.cross_attention import apply_blocks
 
 __all__ = ["TransformerTextEncoder"]
 
@@ -63,6 +64,5 @@ class TransformerTextEncoder(nn.Module):
         if L > self.max_length:
             raise ValueError(f"ids have {L} tokens, more than max_length={self.max_length}")
         x = self.drop(self.embed(ids) + self.pos[:L])  # (B, L, C)
-        for block in self.blocks:
-            x, _ = block(x, mask=mask)
+        x, _ = apply_blocks(self.blocks, x, mask=mask)
         return self.norm(x)

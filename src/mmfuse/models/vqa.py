@@ -106,8 +106,9 @@ class VQAConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VQAConfig:
         d = dict(d)
-        if d.pop("model_type", _MODEL_TYPE) != _MODEL_TYPE:
-            raise ValueError(f"not a VQA model config (model_type={d.get('model_type')!r})")
+        model_type = d.pop("model_type", _MODEL_TYPE)
+        if model_type != _MODEL_TYPE:
+            raise ValueError(f"not a VQA model config (model_type={model_type!r})")
         return dataclass_from_dict(cls, d, "config keys")
 
 
