@@ -22,14 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from mmfuse.data import EASY_VQA, VQASplit, load_split
 from mmfuse.evaluate import evaluate
 from mmfuse.fusion import available
 from mmfuse.models.vqa import VQAModel
-from mmfuse.report import read_metrics
+from mmfuse.report import _new_figure, _save, read_metrics
 from mmfuse.train import TrainConfig, train
 
 __all__ = ["COLUMNS", "DEFAULT_FUSIONS", "run_ablation", "write_results"]
@@ -128,8 +126,7 @@ def write_results(rows: list[dict[str, Any]], out_dir: str | os.PathLike, *, hea
         writer.writeheader()
         writer.writerows(rows)
 
-    fig = Figure(figsize=(max(5.0, 1.1 * len(rows) + 2.0), 4.0))
-    FigureCanvasAgg(fig)
+    fig = _new_figure((max(5.0, 1.1 * len(rows) + 2.0), 4.0))
     ax = fig.subplots()
     accuracy = [r["test_accuracy"] for r in rows]
     bars = ax.bar(range(len(rows)), accuracy, color="tab:blue")
@@ -142,4 +139,4 @@ def write_results(rows: list[dict[str, Any]], out_dir: str | os.PathLike, *, hea
                     (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                     fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "results.png", dpi=100)
+    _save(fig, out_dir / "results.png")
