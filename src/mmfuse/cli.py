@@ -102,12 +102,25 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=int, help=f"images are resized to this square size {d('image_size')}")
 
 
-def _model_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The model config fields given on the command line (flags are named as the fields they set)."""
-    from mmfuse.models.vqa import VQAConfig
+def _model_fields() -> set[str]:
+    """The fields of every task's model config: a flag named as one of them sets it."""
+    from mmfuse import tasks
 
-    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(VQAConfig)
-               if getattr(args, f.name, None) is not None}
+    return {f.name for name in tasks.available() for f in dataclasses.fields(tasks.create(name).config_class)}
+
+
+def _model_options(args: argparse.Namespace, task: str = "vqa") -> dict[str, Any]:
+    """The fields of ``task``'s model config given on the command line (flags are named as the fields they
+    set); a flag given for another task's model is an error."""
+    from mmfuse import tasks
+
+    own = {f.name for f in dataclasses.fields(tasks.create(task).config_class)}
+    given = {name for name in _model_fields() | {"hf_finetune"} if getattr(args, name, None) not in (None, False)}
+    foreign = sorted(given - own - ({"hf_finetune"} if "hf_freeze" in own else set()))
+    if foreign:
+        flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        raise UsageError(f"{flags}: not a setting of the {task} task's model")
+    options = {name: getattr(args, name) for name in own if getattr(args, name, None) is not None}
     if getattr(args, "hf_finetune", False):
         options["hf_freeze"] = False
     if options.get("text") == "hf" and "hf_path" not in options:
@@ -254,11 +267,18 @@ _RESUME_OK = frozenset({"device", "threads", "compile"})
 
 def _resume_conflicts(args: argparse.Namespace) -> list[str]:
     """The flags given with --resume that set a training or model setting (which the run already has)."""
-    from mmfuse.models.vqa import VQAConfig
-
-    fields = {*_train_fields(), *(f.name for f in dataclasses.fields(VQAConfig)), "hf_finetune"} - _RESUME_OK
+    fields = {*_train_fields(), *_model_fields(), "hf_finetune"} - _RESUME_OK
     given = [name for name, value in vars(args).items() if name in fields and value not in (None, False)]
     return ["--" + name.replace("_", "-") for name in sorted(given)]
+
+
+def _default_out(task: str, model: dict[str, Any], seed: int) -> str:
+    """runs/<fusion>-seed<seed> for VQA, runs/<task>-seed<seed> for the other tasks."""
+    if task == "vqa":
+        from mmfuse.models import VQAConfig
+
+        return f"runs/{model.get('fusion', VQAConfig.__dataclass_fields__['fusion'].default)}-seed{seed}"
+    return f"runs/{task}-seed{seed}"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -274,12 +294,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             result = resume(args.resume, device=args.device, progress=progress, **overrides)
             out = Path(args.resume)
         else:
-            model = _model_options(args)
             options = _train_options(args)
-            from mmfuse.models import VQAConfig
-
-            fusion = model.get("fusion", VQAConfig.__dataclass_fields__["fusion"].default)
-            out = Path(args.out or f"runs/{fusion}-seed{options.get('seed', 0)}")
+            task = options.get("task", "vqa")
+            model = _model_options(args, task)
+            out = Path(args.out or _default_out(task, model, options.get("seed", 0)))
             cfg = TrainConfig(data=args.data, out=str(out), progress=progress, model=model, **options)
             result = Trainer(cfg).fit()
     if rank != 0:

@@ -69,6 +69,8 @@ class Task(abc.ABC):
     name: ClassVar[str]
     #: the ``model_type`` of the models this task trains (see :mod:`mmfuse.models.base`)
     model_type: ClassVar[str]
+    #: the model's config dataclass: ``build_model``'s options are its fields (the CLI's model flags too)
+    config_class: ClassVar[type]
     #: the key of ``summary()`` that says how good a model is (e.g. ``accuracy``)
     metric: ClassVar[str] = "accuracy"
 

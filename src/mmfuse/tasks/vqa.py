@@ -23,6 +23,7 @@ class VQATask(Task):
 
     name = "vqa"
     model_type = "vqa"
+    config_class = VQAConfig
     metric = "accuracy"
 
     def load_split(self, data: str, split: str, *, image_size: int | None = None,
