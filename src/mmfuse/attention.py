@@ -73,7 +73,16 @@ from torch import Tensor, nn
 
 from mmfuse._attention_blocked import block_attention, dense_plan, local_attention_mask, local_plan
 
-__all__ = ["IMPLS", "SMALL_SCORES", "Attention", "AttentionConfig", "attend", "check_key_padding_mask", "flops", "local_attention_mask"]
+__all__ = [
+    "IMPLS",
+    "SMALL_SCORES",
+    "Attention",
+    "AttentionConfig",
+    "attend",
+    "check_key_padding_mask",
+    "flops",
+    "local_attention_mask",
+]
 
 # An implementation takes (q, k, v, keep, scale, dropout_p, **options) where `keep` is None or a
 # (B, 1, 1, Nk) bool tensor with every sample keeping at least one key, and returns (out, weights|None).

@@ -26,8 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from mmfuse import fusion as fusion_registry
-from mmfuse.data.vocab import AnswerVocab, WordTokenizer, load_vocab, save_vocab
+from mmfuse.data.vocab import AnswerVocab, load_vocab, save_vocab
 from mmfuse.encoders.text import TransformerTextEncoder
+from mmfuse.encoders.tokenizer import WordTokenizer
 from mmfuse.encoders.vgg import VGG
 from mmfuse.encoders.vision import ConvEncoder
 from mmfuse.fusion import FusionOutput
