@@ -52,12 +52,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-heads", type=int, help="attention heads")
     g.add_argument("--dropout", type=float)
     g.add_argument("--impl", choices=list(IMPLS), help="attention implementation")
+    g.add_argument("--window", type=int, help="--impl local: keys each query sees (required with local)")
+    g.add_argument("--num-global", type=int, help="--impl local: leading tokens every query sees (default: 0)")
+    g.add_argument("--rank", type=int, help="--impl lowrank: rows keys and values are projected to (required)")
+    g.add_argument("--block-q", type=int, help="--impl chunked/local: queries per tile")
+    g.add_argument("--block-k", type=int, help="--impl chunked/local: keys per tile")
     g.add_argument("--image-size", type=int, help="images are resized to this square size")
 
 
 def _model_options(args: argparse.Namespace) -> dict[str, Any]:
     names = ("fusion", "vision", "vgg_width", "pool_queries", "text", "hf_path", "dim", "depth", "num_heads",
-             "dropout", "impl", "image_size")  # flags named as the VQAConfig fields they set
+             "dropout", "impl", "window", "num_global", "rank", "block_q", "block_k",
+             "image_size")  # flags named as the VQAConfig fields they set
     options = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     if getattr(args, "hf_finetune", False):
         options["hf_freeze"] = False
