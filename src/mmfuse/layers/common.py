@@ -77,7 +77,9 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """
     if not x.is_floating_point() or x.shape[0] > 4096:
         return x.index_select(0, index)
-    one_hot = torch.nn.functional.one_hot(index, x.shape[0]).to(x.dtype)  # (B, I)
+    # A comparison, not F.one_hot, which reads the index range back to the host on every call; the
+    # range is checked once where the index enters (check_context_index).
+    one_hot = (index[:, None] == torch.arange(x.shape[0], device=index.device)).to(x.dtype)  # (B, I)
     return (one_hot @ x.reshape(x.shape[0], -1)).reshape(index.shape[0], *x.shape[1:])
 
 
