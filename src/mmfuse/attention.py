@@ -26,7 +26,8 @@ Implementations (``impl=``) and their options:
     ``math`` when weights are asked for, and for fp32/fp64 on CPU when each (batch, head) has at most
     ``SMALL_SCORES`` = 64 x 64 scores, where the explicit path is faster.
 ``math``
-    Explicit ``softmax(q k^T / sqrt(D)) v``; the reference, and the only one that returns weights.
+    Explicit ``softmax(q k^T / sqrt(D)) v``; the reference, and the path that returns weights (``auto``
+    returns them by running it).
 ``chunked`` (``block_q=512, block_k=1024``)
     Exact attention in query/key tiles with an online softmax; backward recomputes the tiles
     (flash-attention style), so no Nq x Nk tensor exists in forward or backward. Weights: no.
@@ -38,8 +39,9 @@ Implementations (``impl=``) and their options:
 ``lowrank`` (``proj_k``, ``proj_v``: (rank, max_len) tensors)
     Linformer: keys and values are projected along the sequence to ``rank`` rows by the first Nk
     columns of ``proj_k`` / ``proj_v`` (padded keys zeroed first), then attended with ``auto``.
-    :class:`Attention` owns the projections (``rank=``, ``max_len=``). Weights: no (they would be over
-    the ``rank`` projected rows, not over keys).
+    :class:`Attention` owns the projections, built from an :class:`AttentionConfig`'s ``rank`` and
+    ``max_len`` (filled in by :meth:`AttentionConfig.for_keys`). Weights: no (they would be over the
+    ``rank`` projected rows, not over keys).
 
 When each wins, measured on the 2-core AVX2 development machine (two threads, fp32 unless said, Nq = Nk
 = N, 8 heads of 64; ``benchmarks/README.md`` has the tables and the command):
