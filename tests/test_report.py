@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mmfuse import fusion as fusion_registry
 from mmfuse.data import AnswerVocab, WordTokenizer, load_split
 from mmfuse.evaluate import evaluate
 from mmfuse.models.vqa import VQAConfig, VQAModel
@@ -131,6 +132,23 @@ def test_fusions_without_attention_are_rejected(fusion: str, tmp_path: Path) -> 
     with pytest.raises(ValueError, match=f"fusion {fusion} has no attention to show"):
         attention_map(untrained(fusion), image(), "what shape is it?", tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_attention_maps_follow_the_layout_the_fusion_declares(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fusion the report has never heard of by name gets maps from its ``attention_layout`` alone."""
+
+    class Renamed(fusion_registry.CrossAttentionFusion):
+        pass
+
+    class Silent(fusion_registry.CrossAttentionFusion):
+        attention_layout = None
+
+    monkeypatch.setitem(fusion_registry._REGISTRY, "renamed_cross", Renamed)
+    monkeypatch.setitem(fusion_registry._REGISTRY, "silent_cross", Silent)
+    maps = attention_maps(untrained("renamed_cross"), image(), "what shape is it?")
+    assert maps.maps.shape[1:] == GRID and maps.labels[0] == "<cls>"
+    with pytest.raises(ValueError, match="fusion silent_cross has no attention to show"):
+        attention_maps(untrained("silent_cross"), image(), "what shape is it?")
 
 
 def test_weightless_impl_and_pooled_latents_are_rejected() -> None:

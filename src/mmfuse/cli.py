@@ -99,6 +99,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-heads", type=int, help=f"attention heads {d('num_heads')}")
     g.add_argument("--dropout", type=float, help=f"dropout probability {d('dropout')}")
     g.add_argument("--impl", choices=list(IMPLS), help=f"attention implementation {d('impl')}")
+    g.add_argument("--window", type=int, help="--impl local: keys each query sees (required with local)")
+    g.add_argument("--num-global", type=int, help="--impl local: leading tokens every query sees (default: 0)")
+    g.add_argument("--rank", type=int, help="--impl lowrank: rows keys and values are projected to (required)")
+    g.add_argument("--block-q", type=int, help="--impl chunked/local: queries per tile (default: 512, local 256)")
+    g.add_argument("--block-k", type=int, help="--impl chunked/local: keys per tile (default: 1024)")
     g.add_argument("--image-size", type=int, help=f"images are resized to this square size {d('image_size')}")
 
 

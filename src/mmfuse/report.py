@@ -31,6 +31,7 @@ from torch import Tensor
 from mmfuse.data import VQASplit, load_split
 from mmfuse.data.vocab import CLS
 from mmfuse.evaluate import EvalResult, evaluate
+from mmfuse.fusion import LATENTS_TO_TOKENS, TOKENS_TO_TOKENS
 from mmfuse.io import atomic_write_text, read_json
 from mmfuse.models.vqa import VQAModel
 
@@ -46,7 +47,6 @@ __all__ = [
     "write_report",
 ]
 
-NO_ATTENTION = frozenset({"concat", "late", "product", "text_only", "image_only"})
 MAX_LATENTS = 8  # attention_pooling may have dozens of latents; the first few show the pattern
 _FIGURES = "figures"
 
@@ -153,7 +153,7 @@ class AttentionMaps:
 def attention_unavailable(model: VQAModel) -> str | None:
     """Why ``model`` cannot give attention maps, or None when it can."""
     c = model.config
-    if c.fusion in NO_ATTENTION:
+    if model.fusion.attention_layout is None:
         return f"fusion {c.fusion} has no attention to show"
     if c.impl not in ("auto", "math"):
         return (f"the model uses impl={c.impl!r}, which computes no attention weights; attention maps need a "
@@ -185,6 +185,7 @@ def attention_maps(model: VQAModel, image: Tensor, question: str) -> AttentionMa
             or image.shape[1] != image.shape[2]):
         raise ValueError(f"image must be uint8 (3, S, S), got {image.dtype} {tuple(image.shape)}")
     fusion = model.config.fusion
+    layout = model.fusion.attention_layout
     h, w = model.vision.grid(image.shape[-1])
     n_image = h * w
     device = next(model.parameters()).device
@@ -202,17 +203,17 @@ def attention_maps(model: VQAModel, image: Tensor, question: str) -> AttentionMa
     weights = out.attention[0].float().mean(dim=0).cpu()  # (Nq, Nk), heads averaged
     ids, kept = ids[0].cpu(), mask[0].cpu()
 
-    def expect(shape: tuple[int, int], layout: str) -> None:
+    def expect(shape: tuple[int, int], what: str) -> None:
         if tuple(weights.shape) != shape:
-            raise ValueError(f"fusion {fusion}: expected {layout} attention of shape {shape} for a {h}x{w} "
+            raise ValueError(f"fusion {fusion}: expected {what} attention of shape {shape} for a {h}x{w} "
                              f"grid and {L} tokens, got {tuple(weights.shape)}")
 
-    if fusion == "attention_pooling":
+    if layout == LATENTS_TO_TOKENS:
         expect((weights.shape[0], n_image + L), "latents -> (Ni + Nt)")
         grid = weights[:MAX_LATENTS, :n_image]  # the image keys only; the rest of each row is on text
         labels = [f"latent {i} ({float(share):.0%} on image)" for i, share in enumerate(grid.sum(dim=-1))]
     else:
-        if fusion == "self_attention":
+        if layout == TOKENS_TO_TOKENS:
             expect((n_image + L, n_image + L), "(Ni + Nt) -> (Ni + Nt)")
             weights = weights[n_image:, :n_image]  # (L, Ni): the text -> image block
         else:
