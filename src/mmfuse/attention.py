@@ -198,6 +198,11 @@ def _lowrank(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float,
 IMPLS: tuple[str, ...] = tuple(_REGISTRY)
 
 
+def _tracing() -> bool:
+    """True while torch.export, torch.compile or torch.jit.trace records the graph."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None,
            dropout_p: float = 0.0, need_weights: bool = False, impl: str = "auto",
            scale: float | None = None, **options) -> tuple[Tensor, Tensor | None]:
@@ -231,7 +236,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None =
     if key_padding_mask is not None:
         keep = key_padding_mask[:, None, None, :]  # (B, 1, 1, Nk)
         has_key = key_padding_mask.any(dim=-1)
-        if not bool(has_key.all()):
+        # An exported or traced graph cannot branch on the data: there, always take the (equivalent) guarded path.
+        if _tracing() or not bool(has_key.all()):
             # Let empty samples attend everywhere (no -inf rows, no NaN), then zero their outputs.
             empty = ~has_key[:, None, None, None]
             keep = keep | empty

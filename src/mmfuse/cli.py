@@ -1,4 +1,4 @@
-"""The ``mmfuse`` command: train, evaluate, predict, ablate, robustness.
+"""The ``mmfuse`` command: train, evaluate, predict, ablate, robustness, serve, export.
 
 Every command prints its result; errors in the user's input (a bad argument, a dataset line, a
 checkpoint file) end with one line ``mmfuse: error: ...`` and exit code 2.
@@ -156,6 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/robustness")
     p.add_argument("--limit", type=int, help="evaluate only the first N images' questions")
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("serve", help="HTTP API and a page that answer questions about uploaded images")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=32, help="most requests answered in one forward pass")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    p.add_argument("--max-upload-bytes", type=int, default=5_000_000)
+    p.add_argument("--max-pixels", type=int, default=16_000_000, help="largest width x height accepted")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+
+    p = sub.add_parser("export", help="write a trained model as ONNX, TorchScript or a torch.export program")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "torch-export"])
+    p.add_argument("--out", required=True, metavar="FILE", help="model file (torch-export: *.pt2); FILE.json beside it")
     return parser
 
 
@@ -290,8 +305,33 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_dir(path: str) -> Path:
+    run = Path(path)
+    if not (run / "config.json").is_file():
+        raise UsageError(f"{run}: not a checkpoint directory (no config.json); pass a run directory of mmfuse train")
+    return run
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mmfuse.serve import ServeConfig, run_server
+
+    run_server(_checkpoint_dir(args.checkpoint), ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                                            max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels,
+                                            threads=args.threads), host=args.host, port=args.port)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mmfuse.export import export
+    from mmfuse.models import VQAModel
+
+    path = export(VQAModel.from_pretrained(_checkpoint_dir(args.checkpoint)), args.out, args.format)
+    print(f"wrote {path} and {path}.json (vocabulary, answers, input names)")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "ablate": cmd_ablate,
-            "make-dataset": cmd_make_dataset, "robustness": cmd_robustness}
+            "make-dataset": cmd_make_dataset, "robustness": cmd_robustness, "serve": cmd_serve, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
