@@ -87,6 +87,7 @@ class Batcher(Generic[In, Out]):
             live = [(item, f) for item, f in batch if not f.cancelled()]  # clients that gave up
             if not live:
                 continue
+            start = time.monotonic()
             try:
                 results = await loop.run_in_executor(self.executor, self.fn, [item for item, _ in live])
             except Exception as e:  # one bad batch must not stop the worker
@@ -97,6 +98,7 @@ class Batcher(Generic[In, Out]):
                 continue
             self.batches += 1
             self.items += len(live)
+            log.debug("batch of %d answered in %.1f ms", len(live), 1000 * (time.monotonic() - start))
             for (_, f), result in zip(live, results, strict=True):
                 if not f.done():
                     f.set_result(result)
