@@ -66,6 +66,12 @@ def test_json_with_base64_and_attention(client) -> None:
     assert body["answer"] == ask(client, image, "what shape is it?").json()["answer"]
     with Image.open(io.BytesIO(base64.b64decode(body["attention_png"]))) as im:
         assert im.format == "PNG" and im.size[0] > 200
+    # one panel per word and head: a taller figure than one per word
+    heads = client.post("/v1/predict", json={"image": base64.b64encode(image).decode(), "question": "what shape is it?",
+                                             "attention": True, "per_head": True}).json()
+    with Image.open(io.BytesIO(base64.b64decode(heads["attention_png"]))) as im, \
+            Image.open(io.BytesIO(base64.b64decode(body["attention_png"]))) as averaged:
+        assert im.size[1] > averaged.size[1]
     # a data URL (what a browser's FileReader gives) is accepted too
     url = "data:image/png;base64," + base64.b64encode(image).decode()
     assert client.post("/v1/predict", json={"image": url, "question": "what shape is it?"}).json() == {
@@ -163,7 +169,7 @@ class CaptionAdapter:
     def predict(self, requests: list[Request]) -> list[dict[str, Any]]:
         return [{"caption": f"a {r.image.shape[-1]}px image"} for r in requests]
 
-    def attention_png(self, request: Request) -> bytes | None:
+    def attention_png(self, request: Request, *, per_head: bool = False) -> bytes | None:
         return None
 
 

@@ -53,8 +53,9 @@ class Adapter(Protocol):
         """One JSON-ready result per request, in order; called with up to ``max_batch`` requests."""
         ...
 
-    def attention_png(self, request: Request) -> bytes | None:
-        """The attention figure of one request as PNG bytes, or None when the model has none to show."""
+    def attention_png(self, request: Request, *, per_head: bool = False) -> bytes | None:
+        """The attention figure of one request as PNG bytes (one panel per word, or per word and head),
+        or None when the model has none to show."""
         ...
 
 
@@ -91,12 +92,13 @@ class VQAAdapter:
             results.append({"answer": ranked[0][0], "top_k": ranked})
         return results
 
-    def attention_png(self, request: Request) -> bytes | None:
+    def attention_png(self, request: Request, *, per_head: bool = False) -> bytes | None:
         from mmfuse.plotting import attention_figure, figure_png
         from mmfuse.report import attention_maps, attention_unavailable
 
         if attention_unavailable(self.model):
             return None
-        maps = attention_maps(self.model, request.image, request.question)
+        maps = attention_maps(self.model, request.image, request.question, per_head=per_head)
+        columns = 1 + self.model.config.num_heads if per_head else 4  # per head: one row per word
         with self._figure_lock:
-            return figure_png(attention_figure(request.image, maps, max_columns=4))
+            return figure_png(attention_figure(request.image, maps, max_columns=columns))

@@ -1,9 +1,10 @@
 """The HTTP API and the page (FastAPI): ``POST /v1/predict``, ``GET /healthz``, ``GET /`` and OpenAPI at ``/docs``.
 
 ``POST /v1/predict`` takes either ``multipart/form-data`` (fields ``image`` (a file), ``question``,
-optional ``top_k`` and ``attention``) or JSON ``{"image": BASE64, "question": ..., "top_k": 5,
+optional ``top_k``, ``attention`` and ``per_head``) or JSON ``{"image": BASE64, "question": ..., "top_k": 5,
 "attention": false}``, and returns the adapter's result (``{"answer", "top_k"}`` for VQA) plus
-``attention_png`` (base64 PNG) when ``attention`` is true and the model has attention to show.
+``attention_png`` (base64 PNG) when ``attention`` is true and the model has attention to show: one
+panel per question word, heads averaged, or one per word and head with ``per_head``.
 
 Bad input never reaches the model and never stops the server: a body over ``max_upload_bytes`` is
 refused with 413 (from the ``Content-Length`` header when there is one, before reading the body); an
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import io
 import json
 import logging
@@ -195,12 +197,14 @@ _PREDICT_DOC = {
                 "type": "object", "required": ["image", "question"],
                 "properties": {"image": {"type": "string", "format": "binary"}, "question": {"type": "string"},
                                "top_k": {"type": "integer", "default": 5},
-                               "attention": {"type": "boolean", "default": False}}}},
+                               "attention": {"type": "boolean", "default": False},
+                               "per_head": {"type": "boolean", "default": False}}}},
             "application/json": {"schema": {
                 "type": "object", "required": ["image", "question"],
                 "properties": {"image": {"type": "string", "description": "the image file, base64"},
                                "question": {"type": "string"}, "top_k": {"type": "integer", "default": 5},
-                               "attention": {"type": "boolean", "default": False}}}},
+                               "attention": {"type": "boolean", "default": False},
+                               "per_head": {"type": "boolean", "default": False}}}},
         },
     },
     "responses": {
@@ -261,17 +265,19 @@ def create_app(adapter: Adapter, config: ServeConfig | None = None) -> FastAPI:
     async def predict(request: Request) -> dict[str, Any]:
         """Answer a question about an image (multipart or JSON; see the request body schemas)."""
         data, fields = await _parse(request, config)
-        unknown = sorted(set(fields) - {"question", "top_k", "attention"})
+        unknown = sorted(set(fields) - {"question", "top_k", "attention", "per_head"})
         if unknown:
-            raise BadInput(422, f"unknown field(s) {unknown}; expected image, question, top_k, attention")
+            raise BadInput(422, f"unknown field(s) {unknown}; expected image, question, top_k, attention, per_head")
         question = _question(fields.get("question"), adapter.needs_question)
         top_k = _top_k(fields.get("top_k", 5))
         want_attention = _flag(fields.get("attention", False), "attention")
+        per_head = _flag(fields.get("per_head", False), "per_head")
         image = decode_image(data, adapter.image_size, max_pixels=config.max_pixels)
         item = ModelRequest(image=image, question=question, top_k=top_k)
         result = dict(await batcher.submit(item))
         if want_attention:
-            png = await asyncio.get_running_loop().run_in_executor(batcher.executor, adapter.attention_png, item)
+            draw = functools.partial(adapter.attention_png, item, per_head=per_head)
+            png = await asyncio.get_running_loop().run_in_executor(batcher.executor, draw)
             if png is None:
                 result["attention_error"] = "this model has no attention map to show"
             else:
