@@ -57,7 +57,7 @@ __all__ = [
 # no position gets even 1.5x its fair share, so there is no focus to show.
 NEAR_UNIFORM_PEAK = 1.5
 # How dark the overlay makes the image where the weight is 0 (1 = black); the attended region is left as is.
-_DIM = 0.75
+_DIM = 0.6
 _DIM_CMAP = LinearSegmentedColormap.from_list("mmfuse_dim", [(0.0, 0.0, 0.0), (1.0, 1.0, 1.0)])
 _CONTOUR = "#00e5ff"  # one hue, away from the red/green/blue/yellow of typical shapes
 _MAX_LABEL = 14

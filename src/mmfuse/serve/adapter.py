@@ -99,6 +99,6 @@ class VQAAdapter:
         if attention_unavailable(self.model):
             return None
         maps = attention_maps(self.model, request.image, request.question, per_head=per_head)
-        columns = 1 + self.model.config.num_heads if per_head else 4  # per head: one row per word
+        columns = 1 + self.model.config.num_heads if per_head else 4  # per head: about one row per word
         with self._figure_lock:
             return figure_png(attention_figure(request.image, maps, max_columns=columns))
