@@ -50,7 +50,7 @@ def test_wrapper_matches_the_model_with_repeated_questions() -> None:
 
 
 @pytest.mark.parametrize(("fmt", "fusion"), [("onnx", "fusion_transformer"), ("torchscript", "fusion_transformer"),
-                                             ("torch-export", "fusion_transformer"), ("onnx", "self_attention"),
+                                             ("torch-export", "fusion_transformer"), ("torch-export", "self_attention"),
                                              ("torch-export", "cross_attention")])
 def test_exported_logits_match_pytorch(fmt: str, fusion: str, tmp_path: Path) -> None:
     if fmt == "onnx":
