@@ -21,3 +21,11 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fp32_unless_asked(monkeypatch) -> None:
+    """``precision="auto"`` times fp32 against bf16 on CPUs with native bf16 and keeps the faster; two runs
+    that must agree to the bit could then choose differently. Tests see a CPU without native bf16 (auto =
+    fp32); tests of that choice patch ``cpu_bf16_support`` themselves."""
+    monkeypatch.setattr("mmfuse.train.cpu_bf16_support", lambda: "none")

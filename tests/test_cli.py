@@ -127,6 +127,7 @@ def test_ddp_with_two_processes_trains_a_usable_model(tiny, tmp_path):
                            *args, "--out", str(ddp)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "find_unused_parameters" not in proc.stderr, proc.stderr[-3000:]
     rows = {name: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
             for name, d in (("single", single), ("ddp", ddp))}
     assert [r["epoch"] for r in rows["ddp"]] == [r["epoch"] for r in rows["single"]] == [1, 2]
@@ -151,3 +152,55 @@ def test_make_dataset_writes_a_loadable_relational_dataset(tmp_path, capsys):
     split = load_split(out, "test", image_size=32)
     assert split.images.shape[0] == 4 and len(split) > 0
     assert {"relational", "non-relational"} <= set(split.answer_types)
+
+
+def test_version_and_help_show_every_flag_with_help_and_defaults(capsys):
+    from mmfuse import __version__
+    from mmfuse.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and __version__ in capsys.readouterr().out
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict)).choices
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"mmfuse {name} {action.option_strings[0]} has no help text"
+    text = subparsers["train"].format_help()
+    for expected in ("(default: fusion_transformer)", "(default: 9)", "(default: cosine)", "--precision",
+                     "--device", "--eval-split"):
+        assert expected in text, expected
+    assert "(default: None)" not in text
+
+
+def test_train_json_and_eval_split(tiny, tmp_path, capsys):
+    data = tmp_path / "with_val"
+    shutil.copytree(tiny, data)
+    shutil.copy(data / "test.jsonl", data / "val.jsonl")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), "--epochs", "1", "--fusion", "concat",
+                 "--eval-split", "val", "--json", "--device", "cpu", *TINY]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["epoch"] == 1 and 0 <= result["val_accuracy"] <= 1 and "val_num_examples" in result
+
+
+@pytest.mark.parametrize("flags", [["--num-heads", "4"], ["--impl", "math"], ["--lr", "0.1"],
+                                   ["--precision", "bf16"], ["--hf-finetune"], ["--text", "transformer"]])
+def test_resume_refuses_every_setting_it_would_ignore(run, capsys, flags):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--resume", str(run), *flags])
+    assert e.value.code == 2
+    assert f"drop {flags[0]}" in capsys.readouterr().err
+
+
+def test_resume_accepts_where_it_runs(run, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    assert main(["train", "--resume", str(copy), "--device", "cpu", "--threads", "1", "--no-progress"]) == 0
+    assert "model saved in" in capsys.readouterr().out
+
+
+def test_evaluate_on_an_explicit_device(run, capsys):
+    assert main(["evaluate", "--checkpoint", str(run), "--device", "cpu", "--precision", "fp32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_examples"] == 24

@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import mmfuse.runs
 import mmfuse.train
 from mmfuse.cli import main
 from mmfuse.data.vocab import load_vocab
@@ -172,7 +173,7 @@ def test_a_kill_between_the_epoch_checkpoint_and_its_metrics_row_loses_no_row(ti
             raise _Killed
 
         # epoch 1 is checkpointed, then the process dies before appending its row
-        m.setattr(mmfuse.train, "_append_metrics", killed_before_writing)
+        m.setattr(mmfuse.runs, "append_metrics", killed_before_writing)
         with pytest.raises(_Killed):
             Trainer(_cfg(tiny, tmp_path / "killed")).fit()
     resume(tmp_path / "killed", progress=False)

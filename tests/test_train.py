@@ -152,3 +152,79 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny, tmp_pa
     after = _weights(tmp_path / "run")
     for k in before:
         torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
+
+
+def test_nan_loss_before_any_checkpoint_says_none_was_written(tiny, tmp_path, monkeypatch):
+    trainer = Trainer(_cfg(tiny, tmp_path / "run", epochs=1))
+    monkeypatch.setattr(trainer.model.head, "forward", lambda x: x[:, :1].expand(-1, 6) * float("nan"))
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, step 1 .*no checkpoint was written yet"):
+        trainer.fit()
+
+
+def test_weight_decay_rule_exempts_biases_norms_positions_modality_embeddings_and_gates(tiny, tmp_path):
+    model_options = {**TINY_MODEL, "fusion": "gated_cross_attention", "pool_queries": 4}
+    trainer = Trainer(_cfg(tiny, tmp_path / "run", model=model_options, weight_decay=0.1))
+    decay = {id(p): g["weight_decay"] for g in param_groups(trainer.model, trainer.cfg) for p in g["params"]}
+    named = dict(trainer.model.named_parameters())
+    decayed = sorted(n for n, p in named.items() if decay[id(p)] > 0)
+    exempt = sorted(n for n, p in named.items() if decay[id(p)] == 0)
+    for name in ("vision.pos_embed.row", "vision.pos_embed.col", "text.pos", "pool.latents"):
+        assert name in exempt, name
+    assert any("gate" in n for n in exempt)
+    assert all(not n.endswith(".bias") for n in decayed)
+    assert all(named[n].dim() >= 2 for n in decayed)
+    assert "text.embed.weight" in decayed and "head.2.weight" in decayed
+    assert any(n.startswith("vision.blocks") and named[n].dim() == 4 for n in decayed)  # conv kernels
+    # every decayed tensor is the weight of a linear, convolution or embedding layer
+    for n in decayed:
+        module = trainer.model.get_submodule(n.rsplit(".", 1)[0])
+        assert isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)), n
+
+
+def test_modality_embeddings_are_not_decayed(tiny, tmp_path):
+    trainer = Trainer(_cfg(tiny, tmp_path / "run", model={**TINY_MODEL, "fusion": "self_attention"}))
+    decay = {id(p): g["weight_decay"] for g in param_groups(trainer.model, trainer.cfg) for p in g["params"]}
+    names = [n for n, p in trainer.model.named_parameters() if "modality" in n]
+    assert names and all(decay[id(p)] == 0 for n, p in trainer.model.named_parameters() if n in names)
+
+
+def test_trainer_on_an_explicit_device_checkpoints_its_precision(tiny, tmp_path):
+    trainer = Trainer(_cfg(tiny, tmp_path / "run", epochs=1, precision="bf16"), device="cpu")
+    assert trainer.device == torch.device("cpu") and trainer.precision == "bf16"
+    trainer.fit()
+    assert all(p.device.type == "cpu" for p in trainer.model.parameters())
+    again = Trainer(_cfg(tiny, tmp_path / "run", epochs=2, precision="bf16"), resume=True, device="cpu")
+    assert again.precision == "bf16"
+
+
+def test_bf16_flag_is_an_alias_of_precision_bf16():
+    assert TrainConfig(bf16=True).precision == "bf16"
+    with pytest.raises(ValueError, match="contradicts"):
+        TrainConfig(bf16=True, precision="fp32")
+
+
+def test_precision_auto_keeps_the_faster_of_fp32_and_bf16(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr("mmfuse.train.cpu_bf16_support", lambda: "avx512_bf16")
+    for fast in ("fp32", "bf16"):
+        monkeypatch.setattr(Trainer, "_time_steps", lambda self, p, fast=fast: 1.0 if p == fast else 2.0)
+        assert Trainer(_cfg(tiny, tmp_path / fast)).precision == fast
+
+
+def test_timing_the_precisions_leaves_weights_and_rng_untouched(tiny, tmp_path):
+    trainer = Trainer(_cfg(tiny, tmp_path / "run"))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}  # BatchNorm statistics included
+    rng = torch.get_rng_state()
+    assert trainer._time_steps("bf16", repeats=1) > 0
+    for k, v in trainer.model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_mid_epoch_checkpoint_refuses_another_process_count(tiny, tmp_path):
+    trainer = Trainer(_cfg(tiny, tmp_path / "run"))
+    trainer.pos.step_in_epoch = 1
+    trainer.world = 2  # as if written by rank 0 of two processes
+    trainer.save_checkpoint()
+    with pytest.raises(CheckpointError, match="mid-epoch with 2 process"):
+        Trainer(_cfg(tiny, tmp_path / "run"), resume=True)

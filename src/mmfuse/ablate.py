@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from mmfuse.data import EASY_VQA, VQASplit, load_split
+from mmfuse.device import resolve_device
 from mmfuse.evaluate import evaluate
 from mmfuse.fusion import available
 from mmfuse.models.vqa import VQAModel
@@ -42,9 +43,9 @@ COLUMNS = ["fusion", "test_accuracy", "params", "seconds_per_epoch", "train_ques
 _FIXED = ("data", "out", "epochs", "seed")  # set by run_ablation itself, identical for every fusion
 
 
-def _measure(fusion: str, run_dir: Path, test: dict[int, VQASplit], data: str, progress: bool | None
-             ) -> dict[str, Any]:
-    model = VQAModel.from_pretrained(run_dir)
+def _measure(fusion: str, run_dir: Path, test: dict[int, VQASplit], data: str, progress: bool | None,
+             device: str) -> dict[str, Any]:
+    model = VQAModel.from_pretrained(run_dir, device=resolve_device(device))
     size = model.config.image_size
     if size not in test:
         test[size] = load_split(data, "test", image_size=size, progress=progress)
@@ -91,7 +92,7 @@ def run_ablation(*, data: str = EASY_VQA, fusions: list[str], epochs: int, seed:
         cfg = TrainConfig(**base, data=str(data), out=str(run_dir), epochs=epochs, seed=seed,
                           progress=progress, model={**model_options, "fusion": fusion})
         train(cfg)
-        rows.append(_measure(fusion, run_dir, test, str(data), progress))
+        rows.append(_measure(fusion, run_dir, test, str(data), progress, cfg.device))
     threads = torch.get_num_threads()
     header = (f"Ablation on `{data}`: {epochs} epoch{'s' if epochs != 1 else ''}, seed {seed}, "
               f"{threads} CPU thread{'s' if threads != 1 else ''}.")

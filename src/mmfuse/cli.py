@@ -7,6 +7,7 @@ checkpoint file) end with one line ``mmfuse: error: ...`` and exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -14,8 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from mmfuse import __version__
 from mmfuse import fusion as fusion_registry
 from mmfuse.attention import IMPLS
+from mmfuse.device import PRECISIONS
 
 __all__ = ["main"]
 
@@ -26,11 +29,52 @@ class UsageError(Exception):
     """A user mistake: printed as one line, exit code 2."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it has none (None, False) or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (the usage block is one ``--help`` away)."""
+    """argparse with one-line errors (the usage block is one ``--help`` away) and defaults in ``--help``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _default(cls: type, name: str) -> Any:
+    """The default of dataclass field ``name``, for help texts of flags whose argparse default is None
+    (None there means "not given", which ``--resume`` needs to tell apart)."""
+    f = cls.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _vqa_default(name: str) -> str:
+    from mmfuse.models.vqa import VQAConfig
+
+    return f"(default: {_default(VQAConfig, name)})"
+
+
+def _train_default(name: str) -> str:
+    from mmfuse.train import TrainConfig
+
+    return f"(default: {_default(TrainConfig, name)})"
+
+
+def _add_device(p: argparse.ArgumentParser, *, precision: bool = True) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
+    if precision:
+        p.add_argument("--precision", choices=PRECISIONS, default=None,
+                       help="autocast precision; auto: bf16 on GPUs that support it and on CPUs where native bf16 "
+                            "is measured faster than fp32, else fp32 (default: the run's own, else auto)")
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
@@ -39,26 +83,44 @@ def _add_data(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    d = _vqa_default
     g = p.add_argument_group("model")
-    g.add_argument("--fusion", choices=fusion_registry.available(), help="fusion by name")
-    g.add_argument("--vision", choices=["cnn", "vgg11", "vgg16"], help="vision encoder")
-    g.add_argument("--vgg-width", type=float, help="channel multiplier of VGG (1.0 = the original widths)")
-    g.add_argument("--pool-queries", type=int, help="pool the image tokens to this many latents first (0: off)")
-    g.add_argument("--text", choices=["transformer", "hf"], help="own small transformer, or a Hugging Face model")
+    g.add_argument("--fusion", choices=fusion_registry.available(), help=f"fusion by name {d('fusion')}")
+    g.add_argument("--vision", choices=["cnn", "vgg11", "vgg16"], help=f"vision encoder {d('vision')}")
+    g.add_argument("--vgg-width", type=float, help=f"channel multiplier of VGG, 1.0 = the original {d('vgg_width')}")
+    g.add_argument("--pool-queries", type=int,
+                   help=f"pool the image tokens to this many latents first, 0: off {d('pool_queries')}")
+    g.add_argument("--text", choices=["transformer", "hf"],
+                   help=f"own small transformer, or a Hugging Face model {d('text')}")
     g.add_argument("--hf-path", help="folder of a Hugging Face model (default with --text hf: the bundled MiniLM)")
     g.add_argument("--hf-finetune", action="store_true", help="train the Hugging Face encoder too (default: frozen)")
-    g.add_argument("--dim", type=int, help="fusion width")
-    g.add_argument("--depth", type=int, help="fusion blocks")
-    g.add_argument("--num-heads", type=int, help="attention heads")
-    g.add_argument("--dropout", type=float)
-    g.add_argument("--impl", choices=list(IMPLS), help="attention implementation")
-    g.add_argument("--image-size", type=int, help="images are resized to this square size")
+    g.add_argument("--dim", type=int, help=f"fusion width {d('dim')}")
+    g.add_argument("--depth", type=int, help=f"fusion blocks {d('depth')}")
+    g.add_argument("--num-heads", type=int, help=f"attention heads {d('num_heads')}")
+    g.add_argument("--dropout", type=float, help=f"dropout probability {d('dropout')}")
+    g.add_argument("--impl", choices=list(IMPLS), help=f"attention implementation {d('impl')}")
+    g.add_argument("--image-size", type=int, help=f"images are resized to this square size {d('image_size')}")
 
 
-def _model_options(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("fusion", "vision", "vgg_width", "pool_queries", "text", "hf_path", "dim", "depth", "num_heads",
-             "dropout", "impl", "image_size")  # flags named as the VQAConfig fields they set
-    options = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+def _model_fields() -> set[str]:
+    """The fields of every task's model config: a flag named as one of them sets it."""
+    from mmfuse import tasks
+
+    return {f.name for name in tasks.available() for f in dataclasses.fields(tasks.create(name).config_class)}
+
+
+def _model_options(args: argparse.Namespace, task: str = "vqa") -> dict[str, Any]:
+    """The fields of ``task``'s model config given on the command line (flags are named as the fields they
+    set); a flag given for another task's model is an error."""
+    from mmfuse import tasks
+
+    own = {f.name for f in dataclasses.fields(tasks.create(task).config_class)}
+    given = {name for name in _model_fields() | {"hf_finetune"} if getattr(args, name, None) not in (None, False)}
+    foreign = sorted(given - own - ({"hf_finetune"} if "hf_freeze" in own else set()))
+    if foreign:
+        flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        raise UsageError(f"{flags}: not a setting of the {task} task's model")
+    options = {name: getattr(args, name) for name in own if getattr(args, name, None) is not None}
     if getattr(args, "hf_finetune", False):
         options["hf_freeze"] = False
     if options.get("text") == "hf" and "hf_path" not in options:
@@ -69,107 +131,139 @@ def _model_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
+    d = _train_default
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--images-per-batch", type=int, help="images per step; each brings all of its questions")
-    g.add_argument("--optimizer", choices=["adamw", "sgd"])
-    g.add_argument("--lr", type=float)
-    g.add_argument("--momentum", type=float, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--schedule", choices=["cosine", "step", "constant"])
-    g.add_argument("--warmup-steps", type=int)
-    g.add_argument("--step-epochs", type=int, help="StepLR: decay every N epochs")
-    g.add_argument("--step-gamma", type=float, help="StepLR: decay factor")
-    g.add_argument("--attention-lr-mult", type=float, help="learning-rate multiplier for attention layers")
-    g.add_argument("--attention-l2", type=float, help="L2 penalty on attention projection weights")
-    g.add_argument("--grad-clip", type=float, help="max gradient norm (0: off)")
-    g.add_argument("--label-smoothing", type=float)
-    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast")
-    g.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    g.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps within an epoch")
-    g.add_argument("--eval-every", type=int, help="evaluate every N epochs (0: only at the end)")
+    g.add_argument("--task", help=f"what to train: {_task_names()} {d('task')}")
+    g.add_argument("--epochs", type=int, help=f"epochs {d('epochs')}")
+    g.add_argument("--seed", type=int, help=f"seed of initialisation and batch order {d('seed')}")
+    g.add_argument("--images-per-batch", type=int,
+                   help=f"images per step; each brings all of its questions {d('images_per_batch')}")
+    g.add_argument("--optimizer", choices=["adamw", "sgd"], help=f"optimizer {d('optimizer')}")
+    g.add_argument("--lr", type=float, help=f"peak learning rate {d('lr')}")
+    g.add_argument("--momentum", type=float, help=f"SGD momentum {d('momentum')}")
+    g.add_argument("--weight-decay", type=float,
+                   help=f"decoupled weight decay of linear, conv and token-embedding weights {d('weight_decay')}")
+    g.add_argument("--schedule", choices=["cosine", "step", "constant"], help=f"after warmup {d('schedule')}")
+    g.add_argument("--warmup-steps", type=int, help=f"linear warmup steps {d('warmup_steps')}")
+    g.add_argument("--step-epochs", type=int, help=f"StepLR: decay every N epochs {d('step_epochs')}")
+    g.add_argument("--step-gamma", type=float, help=f"StepLR: decay factor {d('step_gamma')}")
+    g.add_argument("--attention-lr-mult", type=float,
+                   help=f"learning-rate multiplier for attention layers {d('attention_lr_mult')}")
+    g.add_argument("--attention-l2", type=float, help=f"L2 penalty on attention projection weights {d('attention_l2')}")
+    g.add_argument("--grad-clip", type=float, help=f"max gradient norm, 0: off {d('grad_clip')}")
+    g.add_argument("--label-smoothing", type=float, help=f"cross-entropy label smoothing {d('label_smoothing')}")
+    g.add_argument("--device", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps (default: auto)")
+    g.add_argument("--precision", choices=PRECISIONS,
+                   help="autocast precision; auto: bf16 on GPUs that support it and on CPUs where native bf16 is "
+                        "measured faster than fp32 on the first batch, else fp32 (default: auto)")
+    g.add_argument("--bf16", action="store_const", const="bf16", dest="precision",
+                   help="the same as --precision bf16")
+    g.add_argument("--compile", action="store_const", const=True, default=None,
+                   help="torch.compile the model (default: off)")
+    g.add_argument("--threads", type=int,
+                   help="CPU threads (default: the cores not already busy, from the 1-minute load average)")
+    g.add_argument("--checkpoint-every", type=int,
+                   help=f"also checkpoint every N steps within an epoch, 0: off {d('checkpoint_every')}")
+    g.add_argument("--eval-split", help=f"split evaluated during and after training, e.g. val {d('eval_split')}")
+    g.add_argument("--eval-every", type=int, help=f"evaluate every N epochs, 0: only at the end {d('eval_every')}")
 
 
-_TRAIN_FIELDS = ("epochs", "seed", "images_per_batch", "optimizer", "lr", "momentum", "weight_decay", "schedule",
-                 "warmup_steps", "step_epochs", "step_gamma", "attention_lr_mult", "attention_l2", "grad_clip",
-                 "label_smoothing", "bf16", "threads", "checkpoint_every", "eval_every")
+def _task_names() -> str:
+    from mmfuse import tasks
+
+    return ", ".join(tasks.available())
+
+
+def _train_fields() -> list[str]:
+    from mmfuse.train import TrainConfig
+
+    return [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("data", "out", "progress", "model")]
 
 
 def _train_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {f: getattr(args, f) for f in _TRAIN_FIELDS if getattr(args, f, None) is not None}
+    return {f: getattr(args, f) for f in _train_fields() if getattr(args, f, None) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mmfuse", description="Attention-based fusion of images and text.")
+    parser.add_argument("--version", action="version", version=f"mmfuse {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("train", help="train a VQA model (default: easy-VQA, the default model)")
     _add_data(p)
     p.add_argument("--out", help="run directory (default: runs/<fusion>-seed<seed>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run with its own settings")
     p.add_argument("--report", action="store_true", help="write RUN_DIR/report.md after training")
+    p.add_argument("--json", action="store_true", help="print the last epoch's metrics as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_model_args(p)
     _add_train_args(p)
 
     p = sub.add_parser("evaluate", help="accuracy of a trained model on a split")
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a run directory (or saved model)")
     p.add_argument("--data", help="dataset (default: the one the model was trained on)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="split to evaluate")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--predictions", metavar="FILE.jsonl", help="write one JSON line per question")
     p.add_argument("--confusion", metavar="FILE.png", help="write the confusion matrix")
-    p.add_argument("--bf16", action="store_true")
+    _add_device(p)
+    p.add_argument("--bf16", action="store_const", const="bf16", dest="precision", help="the same as --precision bf16")
 
     p = sub.add_parser("predict", help="answer one question about one image")
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
-    p.add_argument("--image", required=True, metavar="PATH")
-    p.add_argument("--question", required=True, metavar="TEXT")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a run directory (or saved model)")
+    p.add_argument("--image", required=True, metavar="PATH", help="an image file")
+    p.add_argument("--question", required=True, metavar="TEXT", help="the question")
     p.add_argument("--attention-map", metavar="OUT.png", help="write the attention over the image")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_device(p)
 
     p = sub.add_parser("ablate", help="train several fusions with the same budget and tabulate them")
     _add_data(p)
     p.add_argument("--fusions", help="comma-separated fusion names (default: a representative set)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per fusion (default: the training default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/ablation")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of every run")
+    p.add_argument("--out", default="runs/ablation", help="folder of the runs and the table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_device(p)
 
     p = sub.add_parser("make-dataset", help="write a synthetic dataset as a JSONL directory")
     p.add_argument("kind", choices=["relational"],
                    help="relational: several shapes per image, questions about their spatial relations")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--train-images", type=int, default=4000)
-    p.add_argument("--test-images", type=int, default=1000)
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write")
+    p.add_argument("--train-images", type=int, default=4000, help="training images")
+    p.add_argument("--test-images", type=int, default=1000, help="test images")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     p.add_argument("--objects", type=int, default=4, help="objects per image")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="generator seed")
 
     p = sub.add_parser("robustness", help="accuracy under image and text perturbations")
     p.add_argument("--checkpoint", required=True, action="append", metavar="RUN_DIR",
                    help="a trained run (repeat to compare several)")
     p.add_argument("--data", help="dataset (default: the one the first model was trained on)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--out", default="runs/robustness")
+    p.add_argument("--split", default="test", help="split to perturb")
+    p.add_argument("--out", default="runs/robustness", help="folder of the report")
     p.add_argument("--limit", type=int, help="evaluate only the first N images' questions")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random perturbations")
+    _add_device(p, precision=False)
 
     p = sub.add_parser("serve", help="HTTP API and a page that answer questions about uploaded images")
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="the trained run to serve")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=32, help="most requests answered in one forward pass")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
-    p.add_argument("--max-upload-bytes", type=int, default=5_000_000)
-    p.add_argument("--max-pixels", type=int, default=16_000_000, help="largest width x height accepted")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--max-batch", type=int, default=32, help="most requests in one forward pass (default: 32)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a request waits for others to batch with (default: 5)")
+    p.add_argument("--max-upload-bytes", type=int, default=5_000_000,
+                   help="larger bodies get 413 (default: 5000000)")
+    p.add_argument("--max-pixels", type=int, default=16_000_000,
+                   help="larger images (width x height, from the header) get 400 (default: 16000000)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    _add_device(p, precision=False)
 
     p = sub.add_parser("export", help="write a trained model as ONNX, TorchScript or a torch.export program")
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "torch-export"])
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="the trained run to export")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "torch-export"], help="file format")
     p.add_argument("--out", required=True, metavar="FILE", help="model file (torch-export: *.pt2); FILE.json beside it")
     return parser
 
@@ -178,57 +272,90 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_data(run_dir: Path) -> str:
-    from mmfuse.io import read_json
-    from mmfuse.train import RUN_CONFIG
+    from mmfuse.runs import RUN_CONFIG, read_run_config
 
     try:
-        return read_json(run_dir / RUN_CONFIG)["data"]
+        return read_run_config(run_dir)["data"]
     except (ValueError, KeyError) as e:  # read_json's CheckpointError is a ValueError
         raise UsageError(f"{run_dir}: no {RUN_CONFIG} with the training data; pass --data") from e
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from mmfuse.train import TrainConfig, Trainer, resume
+# Settings that --resume accepts: where and how fast the run continues, not what it computes.
+_RESUME_OK = frozenset({"device", "threads", "compile"})
 
-    progress = False if args.no_progress else None
-    if args.resume:
-        given = [f for f in (*_TRAIN_FIELDS, "fusion", "vision", "dim", "depth") if getattr(args, f, None) is not None]
-        if given:
-            flags = ", ".join("--" + g.replace("_", "-") for g in given)
-            raise UsageError(f"--resume continues a run with its own settings; drop {flags}")
-        result = resume(args.resume, progress=progress)
-        out = Path(args.resume)
-    else:
-        model = _model_options(args)
-        options = _train_options(args)
+
+def _resume_conflicts(args: argparse.Namespace) -> list[str]:
+    """The flags given with --resume that set a training or model setting (which the run already has)."""
+    fields = {*_train_fields(), *_model_fields(), "hf_finetune"} - _RESUME_OK
+    given = [name for name, value in vars(args).items() if name in fields and value not in (None, False)]
+    return ["--" + name.replace("_", "-") for name in sorted(given)]
+
+
+def _default_out(task: str, model: dict[str, Any], seed: int) -> str:
+    """runs/<fusion>-seed<seed> for VQA, runs/<task>-seed<seed> for the other tasks."""
+    if task == "vqa":
         from mmfuse.models import VQAConfig
 
-        fusion = model.get("fusion", VQAConfig.__dataclass_fields__["fusion"].default)
-        out = Path(args.out or f"runs/{fusion}-seed{options.get('seed', 0)}")
-        cfg = TrainConfig(data=args.data, out=str(out), progress=progress, model=model, **options)
-        result = Trainer(cfg).fit()
-    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=None))
-    print(f"model saved in {out}")
+        return f"runs/{model.get('fusion', VQAConfig.__dataclass_fields__['fusion'].default)}-seed{seed}"
+    return f"runs/{task}-seed{seed}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mmfuse.train import TrainConfig, Trainer, distributed, resume
+
+    progress = False if args.no_progress else None
+    with distributed(args.device or "auto") as (rank, _):
+        if args.resume:
+            conflicts = _resume_conflicts(args)
+            if conflicts:
+                raise UsageError(f"--resume continues a run with its own settings; drop {', '.join(conflicts)}")
+            overrides = {k: getattr(args, k) for k in ("threads", "compile") if getattr(args, k) is not None}
+            result = resume(args.resume, device=args.device, progress=progress, **overrides)
+            out = Path(args.resume)
+        else:
+            options = _train_options(args)
+            task = options.get("task", "vqa")
+            model = _model_options(args, task)
+            out = Path(args.out or _default_out(task, model, options.get("seed", 0)))
+            cfg = TrainConfig(data=args.data, out=str(out), progress=progress, model=model, **options)
+            result = Trainer(cfg).fit()
+    if rank != 0:
+        return 0
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=None))
+        print(f"model saved in {out}")
     if args.report:
         from mmfuse.report import write_report
 
-        print(f"report: {write_report(out)}")
+        report = write_report(out)
+        if not args.json:
+            print(f"report: {report}")
     return 0
 
 
+def _load_model(run: Path, device: str) -> Any:
+    from mmfuse.device import resolve_device
+    from mmfuse.models import PretrainedModel
+
+    return PretrainedModel.from_pretrained(run, device=resolve_device(device))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from mmfuse.data import load_split
-    from mmfuse.evaluate import evaluate, write_predictions
-    from mmfuse.models import VQAModel
+    from mmfuse import tasks
+    from mmfuse.device import resolve_precision
 
     run = Path(args.checkpoint)
-    model = VQAModel.from_pretrained(run)
+    model = _load_model(run, args.device)
+    task = tasks.for_model(model)
+    device = next(model.parameters()).device
     data = args.data or _run_data(run)
-    split = load_split(data, args.split, image_size=model.config.image_size)
-    result = evaluate(model, split, bf16=args.bf16)
+    split = task.load_split(data, args.split, image_size=task.image_size(model))
+    result = task.evaluate(model, split, device=device, precision=resolve_precision(args.precision, device))
     summary = result.summary()
     if args.predictions:
-        write_predictions(result, args.predictions)
+        task.write_predictions(result, args.predictions)
     if args.confusion:
         from mmfuse.report import plot_confusion
 
@@ -236,9 +363,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{split.name}: accuracy {summary['accuracy']:.4f} on {summary['num_examples']} questions")
-        for value in summary.values():
+        print(f"{args.split}: {task.metric} {summary[task.metric]:.4f} on {summary['num_examples']} examples")
+        for key, value in summary.items():
             if isinstance(value, dict):
+                print(f"  {key}:")
                 for name, acc in value.items():
                     print(f"  {name:>20s}  {acc:.4f}")
     return 0
@@ -248,16 +376,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mmfuse.data import load_image
     from mmfuse.models import VQAModel
 
-    model = VQAModel.from_pretrained(args.checkpoint)
+    model = _load_model(Path(args.checkpoint), args.device)
+    if not isinstance(model, VQAModel):
+        raise UsageError(f"{args.checkpoint}: predict answers questions with a VQA model, this is a "
+                         f"{model.model_type} model")
+    device = next(model.parameters()).device
     image = load_image(args.image, model.config.image_size)  # (3, S, S) uint8
-    probs = model.answer(image[None], [args.question])[0]
+    probs = model.answer(image[None].to(device), [args.question])[0].cpu()
     top = probs.topk(min(5, len(probs)))
     names = model.answers.names
     ranked = [(names[int(i)], float(p)) for p, i in zip(top.values, top.indices, strict=True)]
     if args.attention_map:
         from mmfuse.report import attention_map
 
-        attention_map(model, image, args.question, args.attention_map)
+        attention_map(model, image.to(device), args.question, args.attention_map)
     if args.json:
         print(json.dumps({"question": args.question, "answer": ranked[0][0], "top5": ranked}))
     else:
@@ -279,7 +411,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from mmfuse.train import TrainConfig
 
     epochs = args.epochs if args.epochs is not None else TrainConfig.__dataclass_fields__["epochs"].default
-    run_ablation(data=args.data, fusions=fusions, epochs=epochs, seed=args.seed, out_dir=args.out,
+    base = {"device": args.device, **({"precision": args.precision} if args.precision else {})}
+    run_ablation(data=args.data, fusions=fusions, epochs=epochs, seed=args.seed, out_dir=args.out, base=base,
                  progress=False if args.no_progress else None)
     print((Path(args.out) / "results.md").read_text(encoding="utf-8"))
     return 0
@@ -300,7 +433,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 
     data = args.data or _run_data(Path(args.checkpoint[0]))
     path = run_robustness(args.checkpoint, data=data, split=args.split, out_dir=args.out, limit=args.limit,
-                          seed=args.seed)
+                          seed=args.seed, device=args.device)
     print(Path(path).read_text(encoding="utf-8"))
     return 0
 
@@ -315,9 +448,9 @@ def _checkpoint_dir(path: str) -> Path:
 def cmd_serve(args: argparse.Namespace) -> int:
     from mmfuse.serve import ServeConfig, run_server
 
-    run_server(_checkpoint_dir(args.checkpoint), ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                                            max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels,
-                                            threads=args.threads), host=args.host, port=args.port)
+    config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_bytes=args.max_upload_bytes,
+                         max_pixels=args.max_pixels, threads=args.threads, device=args.device)
+    run_server(_checkpoint_dir(args.checkpoint), config, host=args.host, port=args.port)
     return 0
 
 
@@ -325,7 +458,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from mmfuse.export import export
     from mmfuse.models import VQAModel
 
-    path = export(VQAModel.from_pretrained(_checkpoint_dir(args.checkpoint)), args.out, args.format)
+    run = _checkpoint_dir(args.checkpoint)
+    model = _load_model(run, "cpu")
+    if not isinstance(model, VQAModel):
+        raise UsageError(f"{run}: export writes VQA models, this is a {model.model_type} model")
+    path = export(model, args.out, args.format)
     print(f"wrote {path} and {path}.json (vocabulary, answers, input names)")
     return 0
 

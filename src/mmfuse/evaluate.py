@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from mmfuse.data import ImageGroupedBatches, VQASplit, encode_answers
+from mmfuse.device import autocast
 from mmfuse.models.vqa import VQAModel
 
 __all__ = ["EvalResult", "evaluate", "write_predictions"]
@@ -63,25 +64,33 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: VQAModel, split: VQASplit, *, images_per_batch: int = 128, bf16: bool = False) -> EvalResult:
-    """Run ``model`` over every question of ``split`` (each image encoded once)."""
+def evaluate(model: VQAModel, split: VQASplit, *, images_per_batch: int = 128, precision: str = "fp32",
+             bf16: bool = False) -> EvalResult:
+    """Run ``model`` over every question of ``split`` (each image encoded once) on the model's device.
+
+    ``precision``: ``fp32``, ``bf16`` or ``fp16`` autocast (``bf16=True`` is the older spelling of bf16).
+    Predictions are gathered on the device and copied back once.
+    """
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
+    precision = "bf16" if bf16 else precision
     ids, mask = model.tokenize(split.questions)
     targets = encode_answers(split.answers, model.answers)
     batches = ImageGroupedBatches(split, ids, mask, targets, images_per_batch=images_per_batch, shuffle=False)
-    predictions = torch.empty(len(split), dtype=torch.long)
-    probabilities = torch.empty(len(split))
+    predictions = torch.empty(len(split), dtype=torch.long, device=device)
+    probabilities = torch.empty(len(split), device=device)
     try:
         for batch in batches.epoch(0):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            batch = batch.to(device, non_blocking=True)
+            with autocast(device, precision):
                 logits = model(batch.images, batch.tokens, batch.text_mask, batch.image_index)
             prob, pred = logits.float().softmax(-1).max(-1)
             predictions[batch.question_ids] = pred
             probabilities[batch.question_ids] = prob
     finally:
         model.train(was_training)
-    return EvalResult(split, model.answers.names, targets, predictions, probabilities)
+    return EvalResult(split, model.answers.names, targets, predictions.cpu(), probabilities.cpu())
 
 
 def write_predictions(result: EvalResult, path: str | os.PathLike) -> None:

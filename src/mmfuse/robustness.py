@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmfuse.data import EASY_VQA, VQASplit, load_split
+from mmfuse.device import resolve_device
 from mmfuse.evaluate import evaluate
 from mmfuse.io import atomic_write_text
 from mmfuse.models.vqa import VQAModel
@@ -98,13 +99,15 @@ def _mean(values: list[float | None]) -> float | None:
 
 def run_robustness(checkpoints: Sequence[str | os.PathLike], *, data: str = EASY_VQA, split: str = "test",
                    out_dir: str | os.PathLike = "runs/robustness", limit: int | None = None, seed: int = 0,
-                   perturbations: Sequence[str] | None = None, progress: bool | None = None) -> Path:
+                   perturbations: Sequence[str] | None = None, progress: bool | None = None,
+                   device: str = "cpu") -> Path:
     """Accuracy of each checkpoint under each perturbation at severities 0..5; returns the markdown path.
 
     Writes into ``out_dir``: ``robustness.md`` (one table per model: perturbation x severity, AUC and
     relative robustness), ``robustness.csv`` (one row per model and perturbation), ``robustness.json``
     (everything) and ``robustness.png`` (accuracy vs severity, one panel per perturbation, one line per
-    model). ``limit`` keeps the first ``limit`` images of the split and their questions. The clean
+    model). ``limit`` keeps the first ``limit`` images of the split and their questions; ``device`` is where
+    the models run (``auto``: see :func:`mmfuse.device.resolve_device`). The clean
     accuracy (severity 0) is measured once per model and shared by every perturbation.
     """
     if not checkpoints:
@@ -112,7 +115,7 @@ def run_robustness(checkpoints: Sequence[str | os.PathLike], *, data: str = EASY
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     chosen = [get_perturbation(p).name for p in (perturbations or PERTURBATIONS)]
-    models = [VQAModel.from_pretrained(c) for c in checkpoints]
+    models = [VQAModel.from_pretrained(c, device=resolve_device(device)) for c in checkpoints]
     names = _model_names(checkpoints, [m.config.fusion for m in models])
 
     splits: dict[int, VQASplit] = {}  # image size -> split, loaded once

@@ -1,22 +1,23 @@
-"""Training: image-grouped batches, AdamW or SGD, schedules, bf16 autocast, atomic checkpoints, resume, DDP.
+"""Training: one loop for every task, on any device, in any precision, resumable to the bit.
 
-A run directory holds::
+:class:`TrainConfig` holds a run's settings; :class:`Trainer` builds the task's data and model from it and
+runs (or resumes) the loop. The task (:mod:`mmfuse.tasks`) says how batches are made and scored; the
+trainer owns the optimiser, the schedule, precision, device, checkpoints and progress. What a run
+directory holds, and how it is written so that nothing is lost, is :mod:`mmfuse.runs`.
 
-    run.json                 the TrainConfig (what ``--resume`` restarts with)
-    config.json, model.safetensors, vocab.json   the model after the last finished epoch
-    state.safetensors        everything needed to continue: weights, optimizer, scheduler, RNG, position
-    metrics.jsonl            one line per epoch
-
-Every file is written atomically (a temporary file, then a rename), so a run killed at any moment
-leaves either the previous or the new version, never a torn one, and ``--resume`` continues from the
-last checkpoint. Given the same seed and thread count, the resumed run ends with the same weights as an
+Given the same seed, thread count and device, a resumed run ends with the same weights as an
 uninterrupted one: batches are a pure function of (seed, epoch), and the checkpoint carries every RNG.
+
+Distributed data parallel: run the same command under ``torchrun``; :func:`distributed` (which the CLI
+enters) sets up the process group, nccl with one GPU per process on CUDA and gloo on the CPU. Only rank 0
+writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -28,35 +29,28 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from safetensors import safe_open
-from torch import Tensor, nn
+from torch import nn
 from tqdm import tqdm
 
-from mmfuse.data import EASY_VQA, AnswerVocab, ImageGroupedBatches, VQASplit, WordTokenizer, encode_answers, load_split
-from mmfuse.evaluate import evaluate
-from mmfuse.io import (
-    CheckpointError,
-    atomic_write_text,
-    dataclass_from_dict,
-    load_checked,
-    read_json,
-    write_safetensors,
-)
-from mmfuse.layers import CrossAttention
-from mmfuse.models.vqa import VQAConfig, VQAModel
+from mmfuse import runs, tasks
+from mmfuse.data import EASY_VQA
+from mmfuse.device import autocast, cpu_bf16_support, default_threads, resolve_device, resolve_precision
+from mmfuse.io import CheckpointError, dataclass_from_dict, load_checked
+from mmfuse.tasks.base import attention_modules
 
-__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "train"]
+__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "distributed", "param_groups", "resume", "train"]
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG, STATE_NAME, METRICS_NAME = "run.json", "state.safetensors", "metrics.jsonl"
+# Kept importable from here: older code reads these names from mmfuse.train.
+RUN_CONFIG, STATE_NAME, METRICS_NAME = runs.RUN_CONFIG, runs.STATE_NAME, runs.METRICS_NAME
 
 
 @dataclass
 class TrainConfig:
-    """Settings of a training run; the model's own settings are in ``model`` (see :class:`VQAConfig`)."""
+    """Settings of a training run; the model's own settings are in ``model`` (its config's fields)."""
 
+    task: str = "vqa"
     data: str = EASY_VQA
     out: str = "runs/latest"
     epochs: int = 9
@@ -73,26 +67,46 @@ class TrainConfig:
     attention_l2: float = 0.0  # L2 penalty on the attention projections' weights
     grad_clip: float = 1.0
     label_smoothing: float = 0.0
-    bf16: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    bf16: bool = False  # the older spelling of precision="bf16"
+    compile: bool = False  # torch.compile the model's forward
     seed: int = 0
-    threads: int = 0  # 0: torch's default
+    threads: int = 0  # CPU intra-op threads; 0: the cores not already busy (mmfuse.device.default_threads)
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: only at epoch ends)
     eval_split: str = "test"
     eval_every: int = 0  # evaluate every N epochs (and always after the last); 0: only after the last
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
-    model: dict[str, Any] = field(default_factory=dict)  # VQAConfig fields (num_answers/vocab_size derived)
+    model: dict[str, Any] = field(default_factory=dict)  # the model config's fields (sizes from data derived)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.images_per_batch < 1:
-            raise ValueError(f"images_per_batch must be >= 1, got {self.images_per_batch}")
+        if self.task not in tasks.available():
+            raise ValueError(f"task must be one of {tasks.available()}, got {self.task!r}")
+        for name in ("epochs", "images_per_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "step_epochs", "threads", "checkpoint_every", "eval_every", "weight_decay",
+                     "grad_clip", "attention_l2", "momentum"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.step_epochs < 1:
+            raise ValueError(f"step_epochs must be >= 1, got {self.step_epochs}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.schedule not in ("cosine", "step", "constant"):
             raise ValueError(f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not self.lr > 0 or not self.attention_lr_mult > 0:
+            raise ValueError(f"lr and attention_lr_mult must be positive, got {self.lr}, {self.attention_lr_mult}")
+        if not 0 < self.step_gamma <= 1:
+            raise ValueError(f"step_gamma must be in (0, 1], got {self.step_gamma}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.bf16:  # the alias wins over the default, and must not contradict an explicit choice
+            if self.precision not in ("auto", "bf16"):
+                raise ValueError(f"bf16=True contradicts precision={self.precision!r}")
+            self.precision, self.bf16 = "bf16", False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -103,49 +117,69 @@ class TrainConfig:
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss became NaN or infinite; the last good checkpoint (if one was written) is kept."""
 
 
 # --------------------------------------------------------------------------------------------------
-# distributed helpers: one code path, world size 1 without torchrun
+# distributed: set up and torn down by the entry point; the Trainer only reads rank and world size
 
 
-def _dist_env() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+def _dist_env() -> tuple[int, int, int]:
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def _init_distributed() -> tuple[int, int]:
-    rank, world = _dist_env()
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return rank, world
+def process_device(spec: str = "auto") -> torch.device:
+    """The device of this process: ``spec`` resolved, and under torchrun on CUDA the ``LOCAL_RANK``-th GPU."""
+    device = resolve_device(spec)
+    _, world, local_rank = _dist_env()
+    if world > 1 and device.type == "cuda" and ":" not in spec:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+@contextlib.contextmanager
+def distributed(device: str = "auto") -> Iterator[tuple[int, int]]:
+    """Under torchrun (``WORLD_SIZE`` > 1): a process group (nccl on CUDA, gloo otherwise) for the block.
+
+    Yields ``(rank, world_size)``; without torchrun it yields ``(0, 1)`` and does nothing.
+    """
+    rank, world, _ = _dist_env()
+    if world == 1 or dist.is_initialized():
+        yield rank, world
+        return
+    resolved = process_device(device)
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
+    dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
+    try:
+        yield rank, world
+    finally:
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------------
+# optimisation
 
-
-def attention_modules(model: nn.Module) -> Iterator[CrossAttention]:
-    return (m for m in model.modules() if isinstance(m, CrossAttention))
+_DECAYED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Four groups: {attention, other} x {decayed, not decayed}; attention gets ``attention_lr_mult``.
 
-    Weight decay applies to matrices and conv kernels only, not to biases, norms and embeddings' rows
-    of positions (nanoGPT's rule: decay tensors with dim >= 2, except embeddings tables of positions).
+    Weight decay applies to exactly the ``weight`` of linear, convolution and token-embedding layers.
+    Everything else is exempt: biases, norms, and parameters a module owns directly (positional and
+    modality embeddings, latent queries, residual gates, low-rank sequence projections).
     """
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, _DECAYED)}
     attention_ids = {id(p) for m in attention_modules(model) for p in m.parameters()}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decay = p.dim() >= 2 and "pos" not in name.split(".")[-1] and "latents" not in name
-        groups.setdefault((id(p) in attention_ids, decay), []).append(p)
-    out = []
-    for (is_attention, decay), params in sorted(groups.items()):
-        out.append({"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
-                    "lr_mult": cfg.attention_lr_mult if is_attention else 1.0})
-    return out
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault((id(p) in attention_ids, id(p) in decayed), []).append(p)
+    return [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
+             "lr_mult": cfg.attention_lr_mult if is_attention else 1.0}
+            for (is_attention, decay), params in sorted(groups.items())]
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -171,13 +205,6 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def attention_l2(model: nn.Module) -> Tensor:
-    """Sum of squared weights of every attention projection (the source documents' L2 tip)."""
-    terms = [proj.weight.pow(2).sum() for m in attention_modules(model)
-             for proj in (m.q_proj, m.k_proj, m.v_proj, m.out_proj)]
-    return torch.stack(terms).sum() if terms else torch.zeros(())
-
-
 # --------------------------------------------------------------------------------------------------
 
 
@@ -195,105 +222,149 @@ class _Position:
 
 
 class Trainer:
-    """Builds data, model and optimizer from a :class:`TrainConfig` and runs (or resumes) the loop."""
+    """Builds the task's data and model from a :class:`TrainConfig` and runs (or resumes) the loop.
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, train_split: VQASplit | None = None,
-                 eval_split: VQASplit | None = None) -> None:
+    ``device`` overrides ``cfg.device``; ``train_split`` / ``eval_split`` may be given already loaded
+    (ablations, tests), else ``cfg.data`` is loaded.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, device: str | torch.device | None = None,
+                 train_split: Any = None, eval_split: Any = None) -> None:
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.rank, self.world = _init_distributed()
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        elif self.world > 1:  # processes share the cores; oversubscribed OpenMP threads spin and crawl
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))
+        self.rank, self.world, _ = _dist_env()
+        if self.world > 1 and not dist.is_initialized():
+            raise RuntimeError("under torchrun, train inside `with mmfuse.train.distributed(device):` "
+                               "(the mmfuse command does this)")
+        self.device = process_device(str(device) if device is not None else cfg.device)
+        self.task = tasks.create(cfg.task, label_smoothing=cfg.label_smoothing, attention_l2=cfg.attention_l2)
+        state = runs.read_state(self.out, ("position", "param_groups")) if resume else None
         torch.manual_seed(cfg.seed)
 
-        # Splits may be given already loaded (ablations, tests); else cfg.data is loaded.
-        self.train_split = train_split or load_split(cfg.data, "train", image_size=cfg.model.get("image_size", 64),
-                                                     progress=cfg.progress)
+        self.train_split = train_split if train_split is not None else self.task.load_split(
+            cfg.data, "train", image_size=cfg.model.get("image_size"), progress=cfg.progress)
+        self.threads = self._set_threads(state[1].get("threads") if state else None)
         if resume:
-            self.model = VQAModel.from_pretrained(self.out)
-            self.model.train()
+            self.model = self.task.load_model(self.out, device=self.device).train()
         else:
-            self.model = self._new_model(self.train_split)
-        ids, mask = self.model.tokenize(self.train_split.questions)
-        answers = encode_answers(self.train_split.answers, self.model.answers)
-        self.batches = ImageGroupedBatches(self.train_split, ids, mask, answers,
-                                           images_per_batch=cfg.images_per_batch, seed=cfg.seed,
-                                           rank=self.rank, world_size=self.world)
+            self.model = self.task.build_model(cfg.model, self.train_split).to(self.device)
+        self.batches = self.task.batches(self.model, self.train_split, batch_size=cfg.images_per_batch,
+                                         seed=cfg.seed, rank=self.rank, world_size=self.world)
         self.eval_split = eval_split
-        # find_unused_parameters: some fusions ignore a modality (text_only, image_only) by design.
-        self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
-                    if self.world > 1 else self.model)
+        self.forward_model: nn.Module = self.model
+        if self.world > 1:
+            # static_graph: the same parameters take part in every step, so DDP finds the ones a fusion
+            # never uses (text_only, image_only) once, without a warning or a search on every step.
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, static_graph=True)
+        if cfg.compile:
+            self.forward_model = torch.compile(self.forward_model)
         self.optimizer = make_optimizer(self.model, cfg)
+        self.precision = state[1].get("precision") if state else None
+        self.precision = self.precision or self._choose_precision()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        # Reading the loss on the host waits for the device: on CPU that is free, on a GPU it is done
+        # every few steps only (the NaN check and the progress bar then see a window of steps).
+        self.sync_every = 1 if self.device.type == "cpu" else 25
         self.pos = _Position()
-        if resume:
-            self._load_state()
-
-    def _new_model(self, split: VQASplit) -> VQAModel:
-        options = dict(self.cfg.model)
-        answers = AnswerVocab(split.answers)
-        tokenizer = None
-        if options.get("text", "transformer") == "transformer":
-            tokenizer = WordTokenizer.fit(split.questions)
-            options["vocab_size"] = len(tokenizer)
-        options.setdefault("image_size", split.image_size)
-        config = VQAConfig(num_answers=len(answers), **options)
-        return VQAModel(config, answers=answers, tokenizer=tokenizer)
+        if state is not None:
+            self._load_state(*state)
 
     # ------------------------------------------------------------------------------------------
-    def _state_tensors(self) -> tuple[dict[str, Tensor], dict[str, str]]:
-        """Optimizer state, RNG and loop position as tensors + JSON metadata (no pickle)."""
-        tensors: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
-        opt = self.optimizer.state_dict()
-        for pid, st in opt["state"].items():
-            for k, v in st.items():
-                tensors[f"optim.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-        meta = {"position": json.dumps(dataclasses.asdict(self.pos)),
-                "param_groups": json.dumps(opt["param_groups"])}
-        return tensors, meta
+    def _set_threads(self, saved: int | None) -> int:
+        if self.device.type != "cpu":
+            return torch.get_num_threads()
+        threads = self.cfg.threads or saved or 0
+        if not threads:
+            threads = default_threads()
+            if self.world > 1:  # processes share the cores; oversubscribed OpenMP threads spin and crawl
+                threads = max(1, threads // self.world)
+            if threads < (os.cpu_count() or 1) and self.world == 1:
+                log.info("using %d CPU thread(s): the other cores are busy (1-minute load %.1f); "
+                         "--threads N to choose", threads, os.getloadavg()[0])
+        torch.set_num_threads(threads)
+        return threads
 
+    def _choose_precision(self) -> str:
+        """``cfg.precision`` resolved; for ``auto`` on a CPU with native bf16, the faster of fp32 and bf16."""
+        precision = resolve_precision(self.cfg.precision, self.device)
+        if (self.cfg.precision != "auto" or self.device.type != "cpu" or cpu_bf16_support() == "none"
+                or self.world > 1):  # ranks must agree, and each would time its own steps
+            return precision
+        # Native bf16 units do not make every model faster (small matrices, autocast's casts): time a
+        # few real steps both ways and keep the faster, so that auto is never slower than fp32.
+        timings = {p: self._time_steps(p) for p in ("fp32", "bf16")}
+        chosen = min(timings, key=timings.__getitem__)
+        log.info("precision auto: %s (a training step took %.1f ms in fp32, %.1f ms in bf16 on this CPU)",
+                 chosen, 1e3 * timings["fp32"], 1e3 * timings["bf16"])
+        return chosen
+
+    def _time_steps(self, precision: str, repeats: int = 3) -> float:
+        """Median seconds of a forward+backward of the first batch; leaves weights, grads and RNG as they were."""
+        weights = copy.deepcopy(self.model.state_dict())
+        rng = torch.get_rng_state()
+        batch = self._to_device(next(iter(self.batches.epoch(0))))
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            with autocast(self.device, precision):
+                out = self.task.step(self.model, batch)
+            out.loss.backward()
+            times.append(time.perf_counter() - t0)
+        self.model.zero_grad(set_to_none=True)
+        self.model.load_state_dict(weights)
+        torch.set_rng_state(rng)
+        return sorted(times[1:])[len(times[1:]) // 2]
+
+    def _to_device(self, batch: Any) -> Any:
+        if self.device.type == "cuda":
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device) if self.device.type != "cpu" else batch
+
+    # ------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         """Model files + training state, each file atomically; the state file is written last."""
         if self.rank != 0:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(self.out)
-        tensors, meta = self._state_tensors()
+        opt = self.optimizer.state_dict()
+        tensors = runs.rng_state()
+        for pid, st in opt["state"].items():
+            for k, v in st.items():
+                tensors[f"optim.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
         tensors.update({f"model.{k}": v for k, v in self.model.state_dict().items()})
-        write_safetensors(self.out / STATE_NAME, tensors, metadata=meta)
+        meta = {"position": dataclasses.asdict(self.pos), "param_groups": opt["param_groups"],
+                "precision": self.precision, "threads": self.threads, "world_size": self.world,
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+        runs.write_state(self.out, tensors, meta)
 
-    def _load_state(self) -> None:
+    def _load_state(self, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+        path = self.out / runs.STATE_NAME
         if self.rank == 0:
-            for tmp in self.out.glob(".*.tmp"):  # half-written files of a killed write
-                tmp.unlink(missing_ok=True)
-        path = self.out / STATE_NAME
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing, nothing to resume")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            position = json.loads(meta["position"])
-            groups = json.loads(meta["param_groups"])
-        except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: unreadable training state ({e})") from e
-        except Exception as e:  # safetensors' own error types for truncated files
-            raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from e
+            runs.remove_temp_files(self.out)
         model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         load_checked(self.model, model_state, path)
-        state: dict[int, dict[str, Tensor]] = {}
+        state: dict[int, dict[str, Any]] = {}
         for k, v in tensors.items():
             if k.startswith("optim."):
                 _, pid, name = k.split(".", 2)
                 state.setdefault(int(pid), {})[name] = v
         try:
-            self.optimizer.load_state_dict({"state": state, "param_groups": groups})
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: optimizer state does not fit the model ({e})") from e
-        torch.set_rng_state(tensors["rng.torch"])
-        self.pos = _Position(**position)
-        _truncate_metrics(self.out / METRICS_NAME, self.pos.epoch)
+            # load_state_dict moves the state to each parameter's device: a CPU checkpoint resumes on a GPU
+            self.optimizer.load_state_dict({"state": state, "param_groups": meta.get("param_groups")})
+            self.pos = _Position(**meta["position"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: the training state does not fit the model ({e})") from e
+        saved_world = meta.get("world_size", 1)
+        if self.pos.step_in_epoch and saved_world != self.world:
+            raise CheckpointError(
+                f"{path}: checkpointed mid-epoch with {saved_world} process(es); resume with {saved_world} "
+                f"(the batches of an epoch depend on the process count), or from an epoch-end checkpoint")
+        if meta.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(meta["scaler"])
+        runs.set_rng_state(tensors)
+        runs.truncate_metrics(self.out, self.pos.epoch)
         log.info("resuming %s at epoch %d, step %d", self.out, self.pos.epoch + 1, self.pos.step_in_epoch)
 
     # ------------------------------------------------------------------------------------------
@@ -302,44 +373,54 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = self.cfg.lr * g["lr_mult"] * f
 
-    def train_step(self, batch) -> tuple[float, int, int]:
+    def train_step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimiser step on ``batch`` (on the device); returns (loss, correct, count), the first two as
+        0-d tensors on the device."""
         cfg = self.cfg
         self._set_lr()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            logits = self.ddp(batch.images, batch.tokens, batch.text_mask, batch.image_index)
-        loss = F.cross_entropy(logits.float(), batch.answers, ignore_index=-1,
-                               label_smoothing=cfg.label_smoothing)
-        total = loss + cfg.attention_l2 * attention_l2(self.model) if cfg.attention_l2 else loss
-        if not torch.isfinite(total):
-            raise TrainingDiverged(
-                f"loss is {total.item()} at epoch {self.pos.epoch + 1}, step {self.pos.step_in_epoch + 1} "
-                f"(global step {self.pos.global_step + 1}); the last good checkpoint in {self.out} is kept")
+        with autocast(self.device, self.precision):
+            out = self.task.step(self.forward_model, batch)
+        extra = self.task.regularizer(self.model)
+        total = out.loss if extra is None else out.loss + extra
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        self.scaler.scale(total).backward()
         if cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
-        correct = int((logits.argmax(-1) == batch.answers).sum())
-        return loss.detach().item(), correct, len(batch)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return total.detach(), out.correct.detach(), out.count
 
     def evaluate(self) -> dict[str, Any]:
         if self.eval_split is None:
-            self.eval_split = load_split(self.cfg.data, self.cfg.eval_split,
-                                         image_size=self.model.config.image_size, progress=self.cfg.progress)
-        return evaluate(self.model, self.eval_split, bf16=self.cfg.bf16).summary()
+            self.eval_split = self.task.load_split(self.cfg.data, self.cfg.eval_split,
+                                                   image_size=self.task.image_size(self.model),
+                                                   progress=self.cfg.progress)
+        return self.task.evaluate(self.model, self.eval_split, device=self.device,
+                                  precision=self.precision).summary()
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / RUN_CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+            runs.write_run_config(self.out, cfg.to_dict())
         last: dict[str, Any] = {}
         while self.pos.epoch < cfg.epochs:
             last = self._train_epoch()
         if self.world > 1:
             dist.barrier()
-            dist.destroy_process_group()
         return last
+
+    def _check_finite(self, loss: torch.Tensor, first_step: int) -> None:
+        """Raise :class:`TrainingDiverged` if the summed loss of global steps ``first_step``.. is not finite."""
+        if not torch.isfinite(loss):
+            last = self.pos.step_in_epoch
+            first = last - (self.pos.global_step - first_step)
+            steps = f"step {last}" if first == last else f"steps {first}-{last}"
+            kept = (f"the last good checkpoint in {self.out} is kept" if (self.out / runs.STATE_NAME).is_file()
+                    else "no checkpoint was written yet")
+            raise TrainingDiverged(f"loss is {loss.item()} at epoch {self.pos.epoch + 1}, {steps} (global step "
+                                   f"{self.pos.global_step}); {kept}")
 
     def _train_epoch(self) -> dict[str, Any]:
         cfg, pos = self.cfg, self.pos
@@ -351,15 +432,29 @@ class Trainer:
         bar = tqdm(self.batches.epoch(epoch, start=pos.step_in_epoch), total=len(self.batches),
                    initial=pos.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=None if show is None else not show, leave=False, unit="batch")
+        # Sums of the steps since the last sync, on the device (float64: the order of additions is fixed).
+        loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct_acc = torch.zeros((), dtype=torch.long, device=self.device)
+        window_start = pos.global_step + 1
         for batch in bar:
-            loss, correct, n = self.train_step(batch)
-            pos.loss_sum, pos.correct, pos.seen = pos.loss_sum + loss * n, pos.correct + correct, pos.seen + n
+            loss, correct, n = self.train_step(self._to_device(batch))
+            loss_acc += loss.double() * n
+            correct_acc += correct
+            pos.seen += n
             pos.step_in_epoch += 1
             pos.global_step += 1
-            bar.set_postfix(loss=f"{pos.loss_sum / pos.seen:.3f}", acc=f"{pos.correct / pos.seen:.3f}",
-                            qps=f"{(pos.seen - done_before) / (time.perf_counter() - t0):.0f}", refresh=False)
-            if (cfg.checkpoint_every and pos.global_step % cfg.checkpoint_every == 0
-                    and pos.step_in_epoch < len(self.batches)):
+            last_step = pos.step_in_epoch == len(self.batches)
+            checkpoint = (cfg.checkpoint_every and pos.global_step % cfg.checkpoint_every == 0 and not last_step)
+            if checkpoint or last_step or pos.global_step % self.sync_every == 0:
+                self._check_finite(loss_acc, window_start)
+                pos.loss_sum += float(loss_acc)
+                pos.correct += int(correct_acc)
+                loss_acc.zero_()
+                correct_acc.zero_()
+                window_start = pos.global_step + 1
+                bar.set_postfix(loss=f"{pos.loss_sum / pos.seen:.3f}", acc=f"{pos.correct / pos.seen:.3f}",
+                                qps=f"{(pos.seen - done_before) / (time.perf_counter() - t0):.0f}", refresh=False)
+            if checkpoint:
                 self.save_checkpoint()
         bar.close()
         seconds = time.perf_counter() - t0
@@ -374,8 +469,8 @@ class Trainer:
             row.update({f"{cfg.eval_split}_{k}": v for k, v in result.items()})
         if self.rank == 0:
             # The row goes first: a kill before the checkpoint lands leaves a row that resume drops
-            # (_truncate_metrics) and writes again, whereas the other order could lose it.
-            _append_metrics(self.out / METRICS_NAME, row)
+            # (runs.truncate_metrics) and writes again, whereas the other order could lose it.
+            runs.append_metrics(self.out, row)
         self.save_checkpoint()
         if self.rank == 0:
             log.info("epoch %d/%d %s", epoch + 1, cfg.epochs,
@@ -385,36 +480,23 @@ class Trainer:
     def _all_ranks_sum(self, *values: float) -> list[float]:
         if self.world == 1:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
 
 
-def _append_metrics(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def train(cfg: TrainConfig, **kwargs: Any) -> dict[str, Any]:
+    """Train from scratch into ``cfg.out``; returns the last epoch's metrics (kwargs: see :class:`Trainer`)."""
+    return Trainer(cfg, **kwargs).fit()
 
 
-def _truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Keep the rows of finished epochs only (a kill may land between the checkpoint and the append)."""
-    if not path.is_file():
-        return
-    rows = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("epoch", 0) <= epochs_done]
-    atomic_write_text(path, "".join(r + "\n" for r in rows))
-
-
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train from scratch into ``cfg.out``; returns the last epoch's metrics."""
-    return Trainer(cfg).fit()
-
-
-def resume(run_dir: str | os.PathLike, **overrides: Any) -> dict[str, Any]:
+def resume(run_dir: str | os.PathLike, *, device: str | torch.device | None = None,
+           **overrides: Any) -> dict[str, Any]:
     """Continue the run in ``run_dir`` with its own settings (``overrides``: e.g. progress)."""
-    d = read_json(Path(run_dir) / RUN_CONFIG)
+    d = runs.read_run_config(run_dir)
     d.update(overrides, out=str(run_dir))
-    return Trainer(TrainConfig.from_dict(d), resume=True).fit()
-
-
+    try:
+        cfg = TrainConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(run_dir) / runs.RUN_CONFIG}: {e}") from e
+    return Trainer(cfg, resume=True, device=device).fit()

@@ -98,7 +98,7 @@ def test_unknown_config_keys_and_wrong_shapes_name_the_file(tmp_path):
     make().save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "bogus": 1}))
-    with pytest.raises(CheckpointError, match=r"config\.json: unknown config keys \['bogus'\]"):
+    with pytest.raises(CheckpointError, match=r"config\.json: invalid model config: unknown config keys \['bogus'\]"):
         VQAModel.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**config, "dim": 32}))
     with pytest.raises(CheckpointError, match=r"model\.safetensors: .* has shape"):

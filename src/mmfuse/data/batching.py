@@ -50,6 +50,10 @@ class Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
                         for f in fields(self)})
 
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked memory, so ``to(cuda, non_blocking=True)`` overlaps with compute."""
+        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+
     def __len__(self) -> int:
         return len(self.question_ids)
 

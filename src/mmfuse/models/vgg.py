@@ -20,35 +20,24 @@ classifier: the attention steps are skipped.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
 
 from mmfuse.attention import IMPLS
 from mmfuse.encoders.vgg import VGG
 from mmfuse.encoders.vision import PositionalEmbedding2d, feature_map_to_tokens, tokens_to_feature_map
-from mmfuse.io import (
-    CheckpointError,
-    atomic_write_text,
-    dataclass_from_dict,
-    load_weights,
-    read_json,
-    write_safetensors,
-)
+from mmfuse.io import dataclass_from_dict
 from mmfuse.layers.common import check_tokens, init_linear
 from mmfuse.layers.cross_attention import CrossAttention
+from mmfuse.models.base import PretrainedModel
 
 __all__ = ["VGGCrossAttention", "VGGCrossAttentionConfig"]
 
 MODEL_TYPE = "vgg_cross_attention"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 ATTENTION_LEVELS = (3, 4, 5)
 
 
@@ -108,6 +97,9 @@ class VGGCrossAttentionConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VGGCrossAttentionConfig:
+        d = dict(d)
+        if d.pop("model_type", MODEL_TYPE) != MODEL_TYPE:
+            raise ValueError(f"not a {MODEL_TYPE} config")
         return dataclass_from_dict(cls, d, "VGGCrossAttentionConfig fields")
 
 
@@ -136,12 +128,15 @@ class _LevelCrossAttention(nn.Module):
         return tokens_to_feature_map(tokens, h, w), weights  # (B, C, h, w)
 
 
-class VGGCrossAttention(nn.Module):
+class VGGCrossAttention(PretrainedModel):
     """VGG (11 or 16) whose feature maps cross-attend to context tokens after the blocks in ``levels``.
 
     Args mirror :class:`VGGCrossAttentionConfig`. ``context_dim=None`` builds a plain VGG classifier
     (no attention layers); it then refuses a context rather than silently ignoring it.
     """
+
+    model_type = MODEL_TYPE
+    config_class = VGGCrossAttentionConfig
 
     def __init__(self, num_classes: int, *, depth: Literal[11, 16] = 16, batch_norm: bool = False,
                  width: float = 1.0, context_dim: int | None = None, num_heads: int = 8,
@@ -189,7 +184,7 @@ class VGGCrossAttention(nn.Module):
                 init_linear(m)
 
     @classmethod
-    def from_config(cls, config: VGGCrossAttentionConfig) -> VGGCrossAttention:
+    def from_config(cls, config: VGGCrossAttentionConfig, directory: Path | None = None) -> VGGCrossAttention:
         return cls(**dataclasses.asdict(config))
 
     def attention_parameters(self) -> Iterator[nn.Parameter]:
@@ -223,29 +218,3 @@ class VGGCrossAttention(nn.Module):
                     weights[level] = w
         logits = self.head(x.mean(dim=(2, 3)))  # mean over the h*w tokens -> (B, num_classes)
         return (logits, weights) if need_weights else logits
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory``, each atomically."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        write_safetensors(directory / WEIGHTS_NAME, self.state_dict(), metadata={"model_type": MODEL_TYPE})
-        config = {"model_type": MODEL_TYPE, **self.config.to_dict()}
-        atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike,
-                        *, map_location: str | torch.device = "cpu") -> VGGCrossAttention:
-        """Rebuild a model saved by :meth:`save_pretrained` (JSON + safetensors; nothing is unpickled)."""
-        directory = Path(directory)
-        config_path = directory / CONFIG_NAME
-        raw = read_json(config_path)
-        if raw.get("model_type") != MODEL_TYPE:
-            raise CheckpointError(f"{config_path}: does not describe a {MODEL_TYPE} model")
-        raw.pop("model_type")
-        try:
-            config = VGGCrossAttentionConfig.from_dict(raw)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{config_path}: invalid model config: {e}") from e
-        model = cls.from_config(config)
-        load_weights(model, directory / WEIGHTS_NAME)
-        return model.to(map_location)

@@ -15,8 +15,6 @@ easy-VQA about ten questions share an image, so this is the main saving of train
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,20 +29,14 @@ from mmfuse.encoders.text import TransformerTextEncoder
 from mmfuse.encoders.vgg import VGG
 from mmfuse.encoders.vision import ConvEncoder
 from mmfuse.fusion import FusionOutput
-from mmfuse.io import (
-    CheckpointError,
-    atomic_write_text,
-    dataclass_from_dict,
-    load_weights,
-    read_json,
-    write_safetensors,
-)
+from mmfuse.io import CheckpointError, dataclass_from_dict
 from mmfuse.layers import AttentionPooling
 from mmfuse.layers.common import gather_rows
+from mmfuse.models.base import PretrainedModel
 
 __all__ = ["VQAConfig", "VQAModel", "normalize_images"]
 
-CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME = "config.json", "model.safetensors", "vocab.json"
+VOCAB_NAME = "vocab.json"
 _MODEL_TYPE = "vqa"
 
 
@@ -101,7 +93,7 @@ class VQAConfig:
             raise ValueError("text='hf' needs hf_path, the folder of a Hugging Face model")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model_type": _MODEL_TYPE, **dataclasses.asdict(self)}
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VQAConfig:
@@ -112,12 +104,15 @@ class VQAConfig:
         return dataclass_from_dict(cls, d, "config keys")
 
 
-class VQAModel(nn.Module):
+class VQAModel(PretrainedModel):
     """The VQA model of mmfuse; see the module docstring for shapes.
 
     ``forward`` returns answer logits; the training loop lives in :mod:`mmfuse.train`. The word
     tokenizer and answer vocabulary travel with the model (``vocab.json``).
     """
+
+    model_type = _MODEL_TYPE
+    config_class = VQAConfig
 
     def __init__(self, config: VQAConfig, *, answers: AnswerVocab,
                  tokenizer: WordTokenizer | None = None) -> None:
@@ -211,25 +206,16 @@ class VQAModel(nn.Module):
         return self(images, ids, mask, image_index).softmax(dim=-1)
 
     # ----------------------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json``, ``model.safetensors`` and ``vocab.json`` (each atomically)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+    def save_extra(self, directory: Path) -> None:
         tokenizer = getattr(self.text, "tokenizer", None)
         tokenizer_dict = tokenizer.to_dict() if isinstance(tokenizer, WordTokenizer) else {"type": "hf"}
-        write_safetensors(directory / WEIGHTS_NAME, self.state_dict())
         save_vocab(directory / VOCAB_NAME, tokenizer_dict, self.answers)
-        atomic_write_text(directory / CONFIG_NAME, json.dumps(self.config.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> VQAModel:
-        """Rebuild a model written by :meth:`save_pretrained`; loads JSON and safetensors only."""
-        directory = Path(directory)
-        config_path = directory / CONFIG_NAME
-        try:
-            config = VQAConfig.from_dict(read_json(config_path))
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{config_path}: {e}") from e
+    def from_config(cls, config: VQAConfig, directory: Path | None = None) -> VQAModel:
+        """A model for ``config`` with the tokenizer and answers saved in ``directory / vocab.json``."""
+        if directory is None:
+            raise ValueError("a VQA model needs its vocab.json: pass the directory, or build VQAModel(...)")
         vocab_path = directory / VOCAB_NAME
         try:
             tokenizer_dict, answer_names = load_vocab(vocab_path)
@@ -237,11 +223,4 @@ class VQAModel(nn.Module):
             tokenizer = WordTokenizer.from_dict(tokenizer_dict) if config.text == "transformer" else None
         except (OSError, KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{vocab_path}: {e}") from e
-        try:
-            model = cls(config, answers=answers, tokenizer=tokenizer)
-        except (TypeError, ValueError) as e:  # a value of the wrong type, or a vocab that does not fit
-            raise CheckpointError(f"{config_path} and {vocab_path} do not describe one model: {e}") from e
-        load_weights(model, directory / WEIGHTS_NAME)
-        model.eval()
-        return model
-
+        return cls(config, answers=answers, tokenizer=tokenizer)

@@ -22,11 +22,16 @@ __all__ = ["Adapter", "Request", "ServeConfig", "VQAAdapter", "create_app", "dec
 log = logging.getLogger(__name__)
 
 
-def load_adapter(checkpoint: str | os.PathLike) -> Adapter:
-    """The adapter for the model in ``checkpoint`` (a run directory); loads that directory only."""
-    from mmfuse.models import VQAModel
+def load_adapter(checkpoint: str | os.PathLike, *, device: str = "cpu") -> Adapter:
+    """The adapter for the model in ``checkpoint`` (a run directory) on ``device``; loads that directory
+    only. ``ValueError`` for a kind of model the server has no adapter for."""
+    from mmfuse.device import resolve_device
+    from mmfuse.models import PretrainedModel, VQAModel
 
-    return VQAAdapter(VQAModel.from_pretrained(checkpoint))
+    model = PretrainedModel.from_pretrained(checkpoint, device=resolve_device(device))
+    if isinstance(model, VQAModel):
+        return VQAAdapter(model)
+    raise ValueError(f"{checkpoint}: serving supports VQA models, this is a {model.model_type} model")
 
 
 def run_server(checkpoint: str | os.PathLike, config: ServeConfig | None = None, *, host: str = "127.0.0.1",
@@ -37,6 +42,6 @@ def run_server(checkpoint: str | os.PathLike, config: ServeConfig | None = None,
     config = config or ServeConfig()
     if config.threads:
         torch.set_num_threads(config.threads)
-    app = create_app(load_adapter(checkpoint), config)
+    app = create_app(load_adapter(checkpoint, device=config.device), config)
     log.info("serving %s on http://%s:%d (page: /, API docs: /docs)", checkpoint, host, port)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -81,8 +81,10 @@ class VQAAdapter:
 
     @torch.no_grad()
     def predict(self, requests: list[Request]) -> list[dict[str, Any]]:
-        images = torch.stack([r.image for r in requests])  # (B, 3, S, S)
-        probs = self.model.answer(images, [r.question for r in requests])  # (B, A)
+        device = next(self.model.parameters()).device
+        images = torch.stack([r.image for r in requests]).to(device)  # (B, 3, S, S)
+        ids, mask = (t.to(device) for t in self.model.tokenize([r.question for r in requests]))  # (B, L)
+        probs = self.model(images, ids, mask).float().softmax(dim=-1).cpu()  # (B, A)
         names = self.model.answers.names
         k = min(max(r.top_k for r in requests), probs.shape[-1])
         top = probs.topk(k, dim=-1)

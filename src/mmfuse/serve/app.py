@@ -61,6 +61,7 @@ class ServeConfig:
     max_upload_bytes: int = 5_000_000  # largest request body
     max_pixels: int = 16_000_000  # largest width x height, checked from the image header
     threads: int | None = None  # torch intra-op threads; None keeps torch's choice
+    device: str = "cpu"  # where the model runs: auto, cpu, cuda[:N], mps
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_upload_bytes", "max_pixels"):

@@ -1,0 +1,66 @@
+"""Visual question answering as answer classification: easy-VQA or a JSONL directory, :class:`VQAModel`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmfuse.data import AnswerVocab, ImageGroupedBatches, VQASplit, WordTokenizer, encode_answers, load_split
+from mmfuse.data.batching import Batch
+from mmfuse.evaluate import EvalResult, evaluate, write_predictions
+from mmfuse.models.vqa import VQAConfig, VQAModel
+from mmfuse.tasks.base import StepOutput, Task
+
+__all__ = ["VQATask"]
+
+
+class VQATask(Task):
+    """Answer classification over the training split's answers; batches group questions by image."""
+
+    name = "vqa"
+    model_type = "vqa"
+    config_class = VQAConfig
+    metric = "accuracy"
+
+    def load_split(self, data: str, split: str, *, image_size: int | None = None,
+                   progress: bool | None = None) -> VQASplit:
+        return load_split(data, split, image_size=image_size or 64, progress=progress)
+
+    def build_model(self, options: dict[str, Any], train_split: VQASplit) -> VQAModel:
+        options = dict(options)
+        answers = AnswerVocab(train_split.answers)
+        tokenizer = None
+        if options.get("text", "transformer") == "transformer":
+            tokenizer = WordTokenizer.fit(train_split.questions)
+            options["vocab_size"] = len(tokenizer)
+        options.setdefault("image_size", train_split.image_size)
+        config = VQAConfig(num_answers=len(answers), **options)
+        return VQAModel(config, answers=answers, tokenizer=tokenizer)
+
+    def load_model(self, run_dir: str | os.PathLike, *, device: torch.device | str = "cpu") -> VQAModel:
+        return VQAModel.from_pretrained(run_dir, device=device)
+
+    def batches(self, model: nn.Module, split: VQASplit, *, batch_size: int, shuffle: bool = True, seed: int = 0,
+                rank: int = 0, world_size: int = 1) -> ImageGroupedBatches:
+        ids, mask = model.tokenize(split.questions)
+        answers = encode_answers(split.answers, model.answers)
+        return ImageGroupedBatches(split, ids, mask, answers, images_per_batch=batch_size, shuffle=shuffle,
+                                   seed=seed, rank=rank, world_size=world_size)
+
+    def step(self, model: nn.Module, batch: Batch) -> StepOutput:
+        logits = model(batch.images, batch.tokens, batch.text_mask, batch.image_index)  # (Q, A)
+        loss = F.cross_entropy(logits.float(), batch.answers, ignore_index=-1,
+                               label_smoothing=self.label_smoothing)
+        correct = (logits.argmax(-1) == batch.answers).sum()
+        return StepOutput(loss, correct, len(batch))
+
+    def evaluate(self, model: nn.Module, split: VQASplit, *, device: torch.device | str = "cpu",
+                 precision: str = "fp32") -> EvalResult:
+        return evaluate(model, split, precision=precision)
+
+    def write_predictions(self, result: EvalResult, path: str | os.PathLike) -> None:
+        write_predictions(result, path)
