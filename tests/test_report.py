@@ -97,13 +97,21 @@ def test_attention_map_one_panel_per_token(tiny: tuple[Path, Path], tmp_path: Pa
     assert maps.maps.shape == (7, *GRID)
     # every text token attends over all image positions (nothing masked): each map sums to 1
     torch.testing.assert_close(maps.maps.sum(dim=(1, 2)), torch.ones(7))
-    assert len(attention_figure(img, maps).axes) == 7
+    assert len(attention_figure(img, maps).axes) == 1 + 7 + 1  # the image, one panel per token, colour bar
+    assert maps.num_keys == GRID[0] * GRID[1]
 
     out = tmp_path / "attn.png"
     answer = attention_map(model, img, question, out)
     assert_png(out)
     expected = model.answer(img[None], [question]).argmax(-1).item()
     assert answer == model.answers.names[expected]
+
+    heads = attention_maps(model, img, question, per_head=True)
+    H = model.config.num_heads
+    assert heads.labels[:H] == [f"<cls> h{i}" for i in range(H)]
+    assert heads.maps.shape == (7 * H, *GRID)
+    # the head-averaged panels are the mean of the per-head ones
+    torch.testing.assert_close(heads.maps.reshape(7, H, *GRID).mean(dim=1), maps.maps)
 
 
 def test_self_attention_uses_text_to_image_block() -> None:
