@@ -13,7 +13,6 @@ Shapes::
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from mmfuse.fusion import LATENTS_TO_TOKENS, TOKENS_TO_TOKENS
 from mmfuse.io import atomic_write_text, read_json
 from mmfuse.models.vqa import VQAModel
 from mmfuse.plotting import AttentionMaps, attention_figure, confusion_figure, curves_figure, new_figure, save_figure
+from mmfuse.runs import read_metrics
 
 __all__ = [
     "AttentionMaps",
@@ -52,15 +52,6 @@ _save = save_figure
 
 # --------------------------------------------------------------------------------------------------
 # training curves and confusion matrix
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The rows of a ``metrics.jsonl`` (one JSON object per epoch); ``ValueError`` if there are none."""
-    path = Path(path)
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not rows:
-        raise ValueError(f"{path}: no metrics rows")
-    return rows
 
 
 def _is_number(v: object) -> bool:
