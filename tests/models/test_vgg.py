@@ -19,7 +19,7 @@ def _context(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return context, mask
 
 
-@pytest.mark.parametrize("levels", [(5,), (3, 4, 5)])
+@pytest.mark.parametrize("levels", [(5,), (3, 4, 5), (2, 3, 4, 5)])
 def test_shapes_and_backward(levels):
     torch.manual_seed(0)
     model = VGGCrossAttention(7, context_dim=CTX, levels=levels, **SMALL)
@@ -100,7 +100,8 @@ def test_bad_context_names_the_shape():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"levels": (2, 5)}, "levels"),
+        ({"levels": (1, 5)}, "levels"),
+        ({"levels": (2, 6)}, "levels"),
         ({"levels": (5, 5)}, "levels"),
         ({"levels": ()}, "levels"),
         ({"depth": 19}, "depth"),
@@ -175,3 +176,14 @@ def test_dropout_only_in_training():
     assert not torch.allclose(model(images, context), model(images, context))  # attention dropout
     model.eval()
     torch.testing.assert_close(model(images, context), model(images, context))
+
+
+def test_warns_once_when_a_level_grid_is_1x1(caplog):
+    with caplog.at_level("WARNING", logger="mmfuse.models.vgg"):
+        VGGCrossAttention(4, context_dim=CTX, levels=(4, 5), **SMALL)  # 32 px: block 5 is 1x1
+    warnings = [r for r in caplog.records if "1x1" in r.getMessage()]
+    assert len(warnings) == 1 and "block(s) 5" in warnings[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmfuse.models.vgg"):
+        VGGCrossAttention(4, context_dim=CTX, levels=(4, 5), **{**SMALL, "image_size": 64})  # 2x2
+    assert not [r for r in caplog.records if "1x1" in r.getMessage()]

@@ -1,9 +1,15 @@
 """VGG with cross-attention to context tokens from another model (single- or multi-level).
 
-After each VGG block listed in ``levels`` the feature-map positions become query tokens that
-cross-attend to the context tokens (text tokens, another image's patches...); the result is added back
-(residual, dropout, LayerNorm) and reshaped into the map the next block convolves. After the last block
-the map is mean-pooled and classified by a small MLP.
+After each VGG block listed in ``levels`` (any of blocks 2-5) the feature-map positions become query
+tokens that cross-attend to the context tokens (text tokens, another image's patches...); the result is
+added back (residual, dropout, LayerNorm) and reshaped into the map the next block convolves. After the
+last block the map is mean-pooled and classified by a small MLP.
+
+Each level has its own cross-attention, whose key and value projections adapt the context to that
+level's width (``context_dim`` -> 128 channels after block 2, 512 after block 5 for VGG16), so one
+context serves every level. A level whose grid is 1x1 (VGG16's block 5 on a 32x32 image) attends from a
+single position: the whole image is one query, and the map cannot show where anything is; the model
+warns about it when it is built.
 
 Shapes::
 
@@ -20,11 +26,13 @@ classifier: the attention steps are skipped.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmfuse.attention import IMPLS
@@ -37,8 +45,10 @@ from mmfuse.models.base import PretrainedModel
 
 __all__ = ["VGGCrossAttention", "VGGCrossAttentionConfig"]
 
+log = logging.getLogger(__name__)
+
 MODEL_TYPE = "vgg_cross_attention"
-ATTENTION_LEVELS = (3, 4, 5)
+ATTENTION_LEVELS = (2, 3, 4, 5)
 
 
 @dataclass
@@ -48,6 +58,10 @@ class VGGCrossAttentionConfig:
     ``dropout`` is the classifier MLP's; ``attn_dropout`` drops attention probabilities and the
     attention output before it joins the residual stream (the source's "dropout after attention").
     ``hidden_dim`` is the classifier MLP's hidden width (default: the last block's channels).
+    ``head``: ``"mean"`` averages the last map over positions before the MLP; ``"flatten"`` feeds the MLP
+    the whole map, flattened (VGG's own classifier: it keeps which feature is where, so it can combine
+    what the attention marked at one position with what the map holds there). The flattened map is
+    first average-pooled to the grid of ``image_size``, so other image sizes still fit.
     """
 
     num_classes: int
@@ -62,6 +76,7 @@ class VGGCrossAttentionConfig:
     impl: Literal["auto", "math", "chunked", "local", "lowrank"] = "auto"
     image_size: int = 224
     hidden_dim: int | None = None
+    head: Literal["mean", "flatten"] = "mean"
 
     def __post_init__(self) -> None:
         self.levels = tuple(self.levels)
@@ -89,6 +104,8 @@ class VGGCrossAttentionConfig:
             raise ValueError(f"image_size must be >= 32 (5 VGG blocks halve it), got {self.image_size}")
         if self.hidden_dim is not None and self.hidden_dim < 1:
             raise ValueError(f"hidden_dim must be None or >= 1, got {self.hidden_dim}")
+        if self.head not in ("mean", "flatten"):
+            raise ValueError(f"head must be 'mean' or 'flatten', got {self.head!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -141,12 +158,14 @@ class VGGCrossAttention(PretrainedModel):
     def __init__(self, num_classes: int, *, depth: Literal[11, 16] = 16, batch_norm: bool = False,
                  width: float = 1.0, context_dim: int | None = None, num_heads: int = 8,
                  levels: tuple[int, ...] = (5,), dropout: float = 0.5, attn_dropout: float = 0.1,
-                 impl: str = "auto", image_size: int = 224, hidden_dim: int | None = None) -> None:
+                 impl: str = "auto", image_size: int = 224, hidden_dim: int | None = None,
+                 head: Literal["mean", "flatten"] = "mean") -> None:
         super().__init__()
         cfg = VGGCrossAttentionConfig(
             num_classes=num_classes, depth=depth, batch_norm=batch_norm, width=width,
             context_dim=context_dim, num_heads=num_heads, levels=levels, dropout=dropout,
             attn_dropout=attn_dropout, impl=impl, image_size=image_size, hidden_dim=hidden_dim,
+            head=head,
         )
         self.config = cfg
         self.backbone = VGG(cfg.depth, batch_norm=cfg.batch_norm, width=cfg.width, pos_embed=False)
@@ -154,6 +173,13 @@ class VGGCrossAttention(PretrainedModel):
         # Keys are block numbers as strings (ModuleDict keys must be str).
         self.cross_attention = nn.ModuleDict()
         if cfg.context_dim is not None:
+            single = [lv for lv in sorted(cfg.levels) if self.backbone.grid(cfg.image_size, lv) == (1, 1)]
+            if single:
+                log.warning(
+                    "VGG%d on %dx%d images has a 1x1 feature grid after block(s) %s: cross-attention there "
+                    "has one query position (the image as a whole), so it cannot attend to where anything "
+                    "is; use larger images or earlier levels", cfg.depth, cfg.image_size, cfg.image_size,
+                    ", ".join(map(str, single)))
             for level in sorted(cfg.levels):
                 dim = self.backbone.stage_channels[level - 1]
                 if dim % cfg.num_heads:
@@ -167,8 +193,10 @@ class VGGCrossAttention(PretrainedModel):
 
         dim = self.backbone.out_dim
         hidden = cfg.hidden_dim or dim
+        self.head_grid = self.backbone.grid(cfg.image_size) if cfg.head == "flatten" else (1, 1)
         self.head = nn.Sequential(
-            nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout),
+            nn.Linear(dim * self.head_grid[0] * self.head_grid[1], hidden), nn.ReLU(inplace=True),
+            nn.Dropout(cfg.dropout),
             nn.Linear(hidden, cfg.num_classes),
         )
         self.init_weights()
@@ -216,5 +244,9 @@ class VGGCrossAttention(PretrainedModel):
                                                         need_weights=need_weights)
                 if w is not None:
                     weights[level] = w
-        logits = self.head(x.mean(dim=(2, 3)))  # mean over the h*w tokens -> (B, num_classes)
+        if self.config.head == "flatten":
+            pooled = F.adaptive_avg_pool2d(x, self.head_grid).flatten(1)  # (B, C * h * w) at the config's grid
+        else:
+            pooled = x.mean(dim=(2, 3))  # mean over the h*w tokens -> (B, C)
+        logits = self.head(pooled)  # (B, num_classes)
         return (logits, weights) if need_weights else logits
