@@ -85,8 +85,11 @@ def test_resnet_baseline_ignores_the_context(text_data, tmp_path):
 def test_cli_evaluate_predict_and_attention_map(text_run, text_data, tmp_path, capsys):
     capsys.readouterr()
     preds = tmp_path / "p.jsonl"
-    assert main(["evaluate", "--checkpoint", str(text_run), "--json", "--predictions", str(preds)]) == 0
+    confusion = tmp_path / "c.png"
+    assert main(["evaluate", "--checkpoint", str(text_run), "--json", "--predictions", str(preds),
+                 "--confusion", str(confusion)]) == 0
     summary = json.loads(capsys.readouterr().out)
+    assert confusion.stat().st_size > 0
     assert summary["num_examples"] == 6 and set(summary) >= {"accuracy", "accuracy_by_label"}
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert len(rows) == 6 and {"image", "context", "label", "prediction", "correct"} <= set(rows[0])

@@ -148,6 +148,17 @@ class ClassifyResult:
             hits[label][1] += 1
         return {k: h / n for k, (h, n) in sorted(hits.items())}
 
+    @property
+    def answer_names(self) -> list[str]:
+        """The class names under the name :func:`mmfuse.report.plot_confusion` reads."""
+        return self.label_names
+
+    def confusion(self) -> Tensor:
+        """(K, K) counts: row = expected label, column = predicted (unknown labels left out)."""
+        k = len(self.label_names)
+        known = self.targets >= 0
+        return torch.bincount(self.targets[known] * k + self.predictions[known], minlength=k * k).reshape(k, k)
+
     def summary(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "num_examples": len(self.targets),
                 "unknown_labels": int((self.targets < 0).sum()), "accuracy_by_label": self.per_label()}
