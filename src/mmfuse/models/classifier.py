@@ -56,6 +56,9 @@ class ImageClassifierConfig:
     to VGG (ResNet always has it). ``context_dim`` is the width of the context tokens, ``context_depth``
     the text encoder's blocks; ``vocab_size`` and ``num_classes`` come from the training data.
     ``head``: see :class:`~mmfuse.models.vgg.VGGCrossAttentionConfig` (ResNet always averages).
+    ``dropout`` (the head's) defaults to 0.1, not VGG's 0.5: VGG drops half of 4096 hidden units, but a
+    CPU-sized VGG (width 0.125: 64 hidden units) with 0.5 could not even fit one batch of 64 examples
+    in 40 AdamW steps (loss stayed at ln 4), where with 0 it reached 69% of them.
     """
 
     num_classes: int
@@ -70,7 +73,7 @@ class ImageClassifierConfig:
     num_heads: int = 8
     levels: tuple[int, ...] = (5,)
     head: Literal["mean", "flatten"] = "flatten"
-    dropout: float = 0.5
+    dropout: float = 0.1
     attn_dropout: float = 0.1
     impl: Literal["auto", "math", "chunked", "local", "lowrank"] = "auto"
     image_size: int = 224
