@@ -135,6 +135,9 @@ def _add_classify_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--head", choices=["mean", "flatten"],
                    help=f"classifier input: the averaged or the flattened last map {d('head')}")
     g.add_argument("--attn-dropout", type=float, help=f"dropout of the attention {d('attn_dropout')}")
+    g.add_argument("--residual", choices=["norm", "gate"],
+                   help=f"how each level's attention joins the map: post-LayerNorm, or a tanh gate from 0 "
+                        f"{d('residual')}")
 
 
 def _model_fields() -> set[str]:

@@ -187,3 +187,22 @@ def test_warns_once_when_a_level_grid_is_1x1(caplog):
     with caplog.at_level("WARNING", logger="mmfuse.models.vgg"):
         VGGCrossAttention(4, context_dim=CTX, levels=(4, 5), **{**SMALL, "image_size": 64})  # 2x2
     assert not [r for r in caplog.records if "1x1" in r.getMessage()]
+
+
+def test_gated_levels_start_as_the_identity_and_open():
+    torch.manual_seed(0)
+    model = VGGCrossAttention(3, context_dim=CTX, levels=(2, 4), residual="gate", **SMALL).eval()
+    context, mask = _context()
+    images = torch.randn(B, 3, 64, 64)
+    # gates at 0: the context changes nothing yet
+    torch.testing.assert_close(model(images, context, context_mask=mask), model(images, context.flip(0),
+                                                                                 context_mask=mask.flip(0)))
+    logits = model(images, context, context_mask=mask)
+    logits.sum().backward()
+    gates = [model.cross_attention[k].gate for k in ("2", "4")]
+    assert all(g.grad is not None and float(g.grad.abs()) > 0 for g in gates)
+    with torch.no_grad():
+        for g in gates:
+            g.fill_(0.5)
+    assert not torch.allclose(model(images, context, context_mask=mask),
+                              model(images, context.flip(0), context_mask=mask.flip(0)))

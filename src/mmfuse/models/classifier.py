@@ -55,7 +55,7 @@ class ImageClassifierConfig:
     ``context`` must be "none"). ``width`` multiplies every backbone channel count; ``batch_norm`` applies
     to VGG (ResNet always has it). ``context_dim`` is the width of the context tokens, ``context_depth``
     the text encoder's blocks; ``vocab_size`` and ``num_classes`` come from the training data.
-    ``head``: see :class:`~mmfuse.models.vgg.VGGCrossAttentionConfig` (ResNet always averages).
+    ``head``, ``residual``: see :class:`~mmfuse.models.vgg.VGGCrossAttentionConfig` (ResNet always averages).
     ``dropout`` (the head's) defaults to 0.1, not VGG's 0.5: VGG drops half of 4096 hidden units, but a
     CPU-sized VGG (width 0.125: 64 hidden units) with 0.5 could not even fit one batch of 64 examples
     in 40 AdamW steps (loss stayed at ln 4), where with 0 it reached 69% of them.
@@ -73,6 +73,7 @@ class ImageClassifierConfig:
     num_heads: int = 8
     levels: tuple[int, ...] = (5,)
     head: Literal["mean", "flatten"] = "flatten"
+    residual: Literal["norm", "gate"] = "norm"
     dropout: float = 0.1
     attn_dropout: float = 0.1
     impl: Literal["auto", "math", "chunked", "local", "lowrank"] = "auto"
@@ -149,7 +150,8 @@ class ImageClassifier(PretrainedModel):
                 cfg.num_classes, depth=int(cfg.backbone[3:]), batch_norm=cfg.batch_norm, width=cfg.width,
                 context_dim=None if cfg.context == "none" else cfg.context_dim, num_heads=cfg.num_heads,
                 levels=cfg.levels, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout, impl=cfg.impl,
-                image_size=cfg.image_size, hidden_dim=cfg.hidden_dim, head=cfg.head)
+                image_size=cfg.image_size, hidden_dim=cfg.hidden_dim, head=cfg.head,
+                residual=cfg.residual)
         else:
             self.resnet = ResNet(int(cfg.backbone[6:]), width=cfg.width, image_size=cfg.image_size)
             self.fc = nn.Linear(self.resnet.out_dim, cfg.num_classes)  # ResNet's head: average pool, one linear

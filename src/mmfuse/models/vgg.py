@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -58,6 +59,7 @@ class VGGCrossAttentionConfig:
     ``dropout`` is the classifier MLP's; ``attn_dropout`` drops attention probabilities and the
     attention output before it joins the residual stream (the source's "dropout after attention").
     ``hidden_dim`` is the classifier MLP's hidden width (default: the last block's channels).
+    ``residual``: how each level's attention joins the map (see :class:`_LevelCrossAttention`).
     ``head``: ``"mean"`` averages the last map over positions before the MLP; ``"flatten"`` feeds the MLP
     the whole map, flattened (VGG's own classifier: it keeps which feature is where, so it can combine
     what the attention marked at one position with what the map holds there). The flattened map is
@@ -77,6 +79,7 @@ class VGGCrossAttentionConfig:
     image_size: int = 224
     hidden_dim: int | None = None
     head: Literal["mean", "flatten"] = "mean"
+    residual: Literal["norm", "gate"] = "norm"
 
     def __post_init__(self) -> None:
         self.levels = tuple(self.levels)
@@ -104,6 +107,8 @@ class VGGCrossAttentionConfig:
             raise ValueError(f"image_size must be >= 32 (5 VGG blocks halve it), got {self.image_size}")
         if self.hidden_dim is not None and self.hidden_dim < 1:
             raise ValueError(f"hidden_dim must be None or >= 1, got {self.hidden_dim}")
+        if self.residual not in ("norm", "gate"):
+            raise ValueError(f"residual must be 'norm' or 'gate', got {self.residual!r}")
         if self.head not in ("mean", "flatten"):
             raise ValueError(f"head must be 'mean' or 'flatten', got {self.head!r}")
 
@@ -121,27 +126,37 @@ class VGGCrossAttentionConfig:
 
 
 class _LevelCrossAttention(nn.Module):
-    """Feature map -> tokens -> cross-attention to the context -> residual + LayerNorm -> feature map.
+    """Feature map -> tokens -> cross-attention to the context -> residual -> feature map.
+
+    ``residual="norm"``: ``norm(x + attn(x))`` (post-norm). ``residual="gate"``: ``x + tanh(g) * attn(norm(x))``
+    with ``g`` starting at 0 (Flamingo's gated cross-attention): the level starts as the identity, so the
+    convolutions after it see the plain VGG's features until the gate opens, and no LayerNorm rescales
+    the map they convolve.
 
     The positional embedding goes into the queries only: the map handed to the next block carries no
     additive position bias, and the attention knows where each query sits.
     """
 
     def __init__(self, dim: int, context_dim: int, grid: tuple[int, int], *, num_heads: int,
-                 attn_dropout: float, impl: str) -> None:
+                 attn_dropout: float, impl: str, residual: str = "norm") -> None:
         super().__init__()
         self.pos_embed = PositionalEmbedding2d(dim, grid)
         self.attn = CrossAttention(dim, context_dim, num_heads=num_heads, dropout=attn_dropout, impl=impl)
         self.drop = nn.Dropout(attn_dropout)
         self.norm = nn.LayerNorm(dim)
+        self.gate = nn.Parameter(torch.zeros(())) if residual == "gate" else None
 
     def forward(self, feat: Tensor, context: Tensor, *, context_mask: Tensor | None,
                 need_weights: bool) -> tuple[Tensor, Tensor | None]:
         h, w = feat.shape[-2:]
         tokens = feature_map_to_tokens(feat)  # (B, h*w, C)
-        out, weights = self.attn(tokens + self.pos_embed(h, w), context, context_mask=context_mask,
+        queries = tokens if self.gate is None else self.norm(tokens)
+        out, weights = self.attn(queries + self.pos_embed(h, w), context, context_mask=context_mask,
                                  need_weights=need_weights)  # (B, h*w, C), (B, heads, h*w, Nc)
-        tokens = self.norm(tokens + self.drop(out))
+        if self.gate is None:
+            tokens = self.norm(tokens + self.drop(out))
+        else:
+            tokens = tokens + torch.tanh(self.gate) * self.drop(out)
         return tokens_to_feature_map(tokens, h, w), weights  # (B, C, h, w)
 
 
@@ -159,13 +174,13 @@ class VGGCrossAttention(PretrainedModel):
                  width: float = 1.0, context_dim: int | None = None, num_heads: int = 8,
                  levels: tuple[int, ...] = (5,), dropout: float = 0.5, attn_dropout: float = 0.1,
                  impl: str = "auto", image_size: int = 224, hidden_dim: int | None = None,
-                 head: Literal["mean", "flatten"] = "mean") -> None:
+                 head: Literal["mean", "flatten"] = "mean", residual: Literal["norm", "gate"] = "norm") -> None:
         super().__init__()
         cfg = VGGCrossAttentionConfig(
             num_classes=num_classes, depth=depth, batch_norm=batch_norm, width=width,
             context_dim=context_dim, num_heads=num_heads, levels=levels, dropout=dropout,
             attn_dropout=attn_dropout, impl=impl, image_size=image_size, hidden_dim=hidden_dim,
-            head=head,
+            head=head, residual=residual,
         )
         self.config = cfg
         self.backbone = VGG(cfg.depth, batch_norm=cfg.batch_norm, width=cfg.width, pos_embed=False)
@@ -188,7 +203,7 @@ class VGGCrossAttention(PretrainedModel):
                     )
                 self.cross_attention[str(level)] = _LevelCrossAttention(
                     dim, cfg.context_dim, self.backbone.grid(cfg.image_size, level),
-                    num_heads=cfg.num_heads, attn_dropout=cfg.attn_dropout, impl=cfg.impl,
+                    num_heads=cfg.num_heads, attn_dropout=cfg.attn_dropout, impl=cfg.impl, residual=cfg.residual,
                 )
 
         dim = self.backbone.out_dim
@@ -207,6 +222,8 @@ class VGGCrossAttention(PretrainedModel):
             level.pos_embed.init_weights()
             level.attn.init_weights()
             level.norm.reset_parameters()
+            if level.gate is not None:
+                nn.init.zeros_(level.gate)
         for m in self.head:
             if isinstance(m, nn.Linear):
                 init_linear(m)
