@@ -157,6 +157,8 @@ CLASSIFY_VARIANTS: dict[str, dict[str, Any]] = {
     "vgg16-xattn": {"backbone": "vgg16", "num_heads": 1, "levels": (5,)},
     "vgg16-xattn-8h": {"backbone": "vgg16", "num_heads": 8, "levels": (5,)},
     "vgg16-multilevel": {"backbone": "vgg16", "num_heads": 1, "levels": (2, 3, 4, 5)},
+    "vgg16-multilevel-gate": {"backbone": "vgg16", "num_heads": 1, "levels": (2, 3, 4, 5), "residual": "gate"},
+    "vgg16-xattn-gate": {"backbone": "vgg16", "num_heads": 1, "levels": (5,), "residual": "gate"},
     "vgg11": {"backbone": "vgg11", "context": "none"},
     "vgg11-xattn": {"backbone": "vgg11", "num_heads": 1, "levels": (5,)},
     "resnet18": {"backbone": "resnet18", "context": "none"},

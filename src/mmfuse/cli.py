@@ -299,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     p.add_argument("--context", choices=["text", "image"], default="text",
                    help="context: name the object's colour (text) or show it (an image)")
+    p.add_argument("--label", choices=["shape", "position"], default="shape",
+                   help="context: the label is the named object's shape, or the quadrant it sits in")
 
     p = sub.add_parser("robustness", help="accuracy under image and text perturbations")
     p.add_argument("--checkpoint", required=True, action="append", metavar="RUN_DIR",
@@ -559,7 +561,8 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
 
         root = write_context_dataset(args.out, num_train_images=args.train_images,
                                      num_test_images=args.test_images, image_size=args.image_size,
-                                     num_objects=args.objects, context=args.context, seed=args.seed)
+                                     num_objects=args.objects, context=args.context, label=args.label,
+                                     seed=args.seed)
         print(f"wrote {root} (train.jsonl, test.jsonl, images/); train on it with: "
               f"mmfuse train --task classify --data {root}")
         return 0

@@ -90,3 +90,20 @@ def test_missing_split_file(tmp_path):
     root = _write(tmp_path / "d", [{"image": "a.png", "label": "x"}])
     with pytest.raises(DataError, match=r"test\.jsonl: split file not found"):
         load_classify_split(root, "test")
+
+
+def test_position_labels_name_the_quadrant_of_the_named_colour(tmp_path):
+    import torch
+
+    from mmfuse.data.context_shapes import COLORS, QUADRANTS
+
+    root = write_context_dataset(tmp_path / "p", num_train_images=5, num_test_images=1, image_size=48,
+                                 num_objects=4, label="position", seed=3)
+    split = load_classify_split(root, "train", image_size=48)  # native size: colours are exact
+    assert set(split.labels) <= set(QUADRANTS)
+    for i, (context, label) in enumerate(zip(split.contexts, split.labels, strict=True)):
+        rgb = torch.tensor(COLORS[context.split()[1]], dtype=torch.uint8)[:, None, None]
+        ys, xs = torch.nonzero((split.images[int(split.image_index[i])] == rgb).all(0), as_tuple=True)
+        assert len(ys) > 0, context
+        row, col = int(ys.float().mean() >= 24), int(xs.float().mean() >= 24)
+        assert QUADRANTS[2 * row + col] == label
