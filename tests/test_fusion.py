@@ -38,8 +38,11 @@ def open_gates(module):
     return module
 
 
+RELATIONAL = ["relation_network", "relational_transformer"]  # need a square token grid: tests/layers/test_relational.py
+
+
 def test_available_lists_every_fusion():
-    assert available() == sorted(BASELINES + ATTENTION)
+    assert available() == sorted(BASELINES + ATTENTION + RELATIONAL)
 
 
 @pytest.mark.parametrize("name", BASELINES + ATTENTION)

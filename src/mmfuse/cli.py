@@ -139,13 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("make-dataset", help="write a synthetic dataset as a JSONL directory")
-    p.add_argument("kind", choices=["relational"],
-                   help="relational: several shapes per image, questions about their spatial relations")
+    p.add_argument("kind", choices=["relational", "sort-of-clevr"],
+                   help="relational: several shapes per image, questions about their spatial relations; "
+                        "sort-of-clevr: the benchmark of Santoro et al. 2017 (six objects, 75 px)")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--train-images", type=int, default=4000)
-    p.add_argument("--test-images", type=int, default=1000)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--objects", type=int, default=4, help="objects per image")
+    p.add_argument("--train-images", type=int, help="default: 4000 (relational), 9800 (sort-of-clevr)")
+    p.add_argument("--test-images", type=int, help="default: 1000 (relational), 200 (sort-of-clevr)")
+    p.add_argument("--image-size", type=int, help="default: 64 (relational), 75 (sort-of-clevr)")
+    p.add_argument("--objects", type=int, default=4, help="objects per image (relational)")
+    p.add_argument("--object-radius", type=int, default=5, help="half the object width in pixels (sort-of-clevr)")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("robustness", help="accuracy under image and text perturbations")
@@ -271,11 +273,16 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_make_dataset(args: argparse.Namespace) -> int:
-    from mmfuse.data.relational import write_relational_dataset
+    sizes = {k: v for k, v in (("num_train_images", args.train_images), ("num_test_images", args.test_images),
+                               ("image_size", args.image_size)) if v is not None}
+    if args.kind == "sort-of-clevr":
+        from mmfuse.data.sort_of_clevr import write_sort_of_clevr
 
-    root = write_relational_dataset(args.out, num_train_images=args.train_images,
-                                    num_test_images=args.test_images, image_size=args.image_size,
-                                    num_objects=args.objects, seed=args.seed)
+        root = write_sort_of_clevr(args.out, object_radius=args.object_radius, seed=args.seed, **sizes)
+    else:
+        from mmfuse.data.relational import write_relational_dataset
+
+        root = write_relational_dataset(args.out, num_objects=args.objects, seed=args.seed, **sizes)
     print(f"wrote {root} (train.jsonl, test.jsonl, images/); train on it with: mmfuse train --data {root}")
     return 0
 

@@ -368,3 +368,56 @@ class TransformerFusion(Fusion):
         text, weights = self.encoder(text_tokens, image_tokens, text_mask=text_mask, image_mask=image_mask,
                                      image_index=image_index, need_weights=need_weights)  # (B, Nt, dim)
         return FusionOutput(masked_mean(text, text_mask), text, weights)
+
+
+# --- Relational fusions (Sort-of-CLEVR): layers in mmfuse.layers.relational. ---
+
+
+@register("relational_transformer")
+class RelationalTransformerFusion(Fusion):
+    """:class:`~mmfuse.layers.relational.RelationalTransformer`: coordinates and ``image_depth``
+    self-attention blocks over the image tokens (once per image), then co-attention blocks for the
+    text; pooled = masked mean of the text tokens. ``out.attention``: text -> image, (B, H, Nt, Ni)."""
+
+    def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, num_heads: int = 8, depth: int = 1,
+                 image_depth: int = 2, coordinates: bool = True, mlp_ratio: float = 4.0, dropout: float = 0.1,
+                 impl: str = "auto", attn_options: dict | None = None) -> None:
+        from mmfuse.layers.relational import RelationalTransformer
+
+        super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
+        self.encoder = RelationalTransformer(image_dim, text_dim, dim=dim, num_heads=num_heads, depth=depth,
+                                             image_depth=image_depth, coordinates=coordinates,
+                                             mlp_ratio=mlp_ratio, dropout=dropout, impl=impl,
+                                             attn_options=attn_options)
+
+    def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
+                text_mask: Tensor | None = None, image_index: Tensor | None = None,
+                need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask, image_index)
+        text, weights = self.encoder(image_tokens, text_tokens, image_mask=image_mask, text_mask=text_mask,
+                                     image_index=image_index, need_weights=need_weights)  # (B, Nt, dim)
+        return FusionOutput(masked_mean(text, text_mask), text, weights)
+
+
+@register("relation_network")
+class RelationNetworkFusion(Fusion):
+    """Santoro et al.'s :class:`~mmfuse.layers.relational.RelationNetwork` over the image tokens, with
+    the masked mean of the text tokens as the question; no attention (``out.attention`` is None).
+    ``depth`` is the number of layers of the pairwise MLP g. Its cost grows with Ni^2 per question:
+    use few image tokens (e.g. a 5 x 5 grid)."""
+
+    def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, depth: int = 4,
+                 coordinates: bool = True, dropout: float = 0.1) -> None:
+        from mmfuse.layers.relational import RelationNetwork
+
+        super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
+        self.rn = RelationNetwork(image_dim, text_dim, dim=dim, g_layers=depth, coordinates=coordinates,
+                                  dropout=dropout)
+
+    def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
+                text_mask: Tensor | None = None, image_index: Tensor | None = None,
+                need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask, image_index)
+        pooled = self.rn(image_tokens, masked_mean(text_tokens, text_mask), object_mask=image_mask,
+                         object_index=image_index)  # (B, dim)
+        return FusionOutput(pooled)
