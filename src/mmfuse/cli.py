@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from mmfuse import fusion as fusion_registry
 from mmfuse.attention import IMPLS
+from mmfuse.presets import PRESETS, apply_preset
 
 __all__ = ["main"]
 
@@ -111,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run with its own settings")
     p.add_argument("--report", action="store_true", help="write RUN_DIR/report.md after training")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="start from a named recipe (sort-of-clevr); explicit flags override it")
     _add_model_args(p)
     _add_train_args(p)
 
@@ -179,7 +182,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     progress = False if args.no_progress else None
     if args.resume:
-        given = [f for f in (*_TRAIN_FIELDS, "fusion", "vision", "dim", "depth") if getattr(args, f, None) is not None]
+        given = [f for f in (*_TRAIN_FIELDS, "fusion", "vision", "dim", "depth", "preset")
+                 if getattr(args, f, None) is not None]
         if given:
             flags = ", ".join("--" + g.replace("_", "-") for g in given)
             raise UsageError(f"--resume continues a run with its own settings; drop {flags}")
@@ -188,6 +192,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         model = _model_options(args)
         options = _train_options(args)
+        if args.preset:
+            options, model = apply_preset(args.preset, options, model)
         from mmfuse.models import VQAConfig
 
         fusion = model.get("fusion", VQAConfig.__dataclass_fields__["fusion"].default)
