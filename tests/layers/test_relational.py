@@ -178,3 +178,18 @@ def test_learns_a_positional_relation_in_a_few_steps(name):
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+
+
+def test_question_query_sends_one_token_per_question():
+    model = make("relational_transformer", question_query=True).eval()
+    image, text, image_mask, text_mask, index = batch()
+    out = model(image, text, image_mask=image_mask, text_mask=text_mask, image_index=index, need_weights=True)
+    assert out.tokens.shape == (5, 1, DIM) and out.attention.shape == (5, HEADS, 1, 9)
+    assert_close(out.pooled, out.tokens[:, 0])
+    # the query is the masked mean of the text tokens: padding and the order of kept tokens do not matter
+    text2 = torch.where(text_mask[..., None], text, 100 * torch.randn_like(text))
+    text2[0] = text2[0].flip(0)  # row 0 keeps all 4 tokens
+    assert_close(model(image, text2, image_mask=image_mask, text_mask=text_mask, image_index=index).pooled,
+                 out.pooled)
+    gathered = model(image[index], text, image_mask=image_mask[index], text_mask=text_mask)
+    assert_close(gathered.pooled, out.pooled)

@@ -31,7 +31,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-from mmfuse.layers.common import check_context_index, check_mask, check_tokens, gather_rows, init_linear
+from mmfuse.layers.common import (
+    check_context_index,
+    check_mask,
+    check_tokens,
+    gather_rows,
+    init_linear,
+    masked_mean,
+)
 from mmfuse.layers.cross_attention import AttentionBlock, apply_blocks
 from mmfuse.layers.fusion_transformer import FusionTransformer
 
@@ -73,11 +80,17 @@ class RelationalTransformer(nn.Module):
     the last text -> image attention. The self-attention runs once per image (before the gather by
     ``image_index``). ``image_depth=0`` and ``coordinates=False`` leave a plain co-attention stack: the
     ablation of both ideas.
+
+    ``question_query=True`` sends one token per question, the masked mean of its text tokens, through
+    the co-attention blocks instead of every text token (then Nt = 1 in the output and the weights):
+    the per-question work, which runs ~20 times per image on Sort-of-CLEVR, shrinks by the question
+    length, while the per-image self-attention still does the relational work.
     """
 
     def __init__(self, image_dim: int, text_dim: int, *, dim: int = 64, num_heads: int = 4, depth: int = 2,
-                 image_depth: int = 2, coordinates: bool = True, mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 impl: str = "auto", attn_options: dict | None = None) -> None:
+                 image_depth: int = 2, coordinates: bool = True, question_query: bool = False,
+                 mlp_ratio: float = 4.0, dropout: float = 0.0, impl: str = "auto",
+                 attn_options: dict | None = None) -> None:
         super().__init__()
         if image_depth < 0:
             raise ValueError(f"image_depth must be >= 0, got {image_depth}")
@@ -85,6 +98,7 @@ class RelationalTransformer(nn.Module):
         self.text_dim = text_dim
         self.dim = dim
         self.coordinates = coordinates
+        self.question_query = question_query
         self.image_proj = nn.Linear(image_dim + (NUM_COORDINATES if coordinates else 0), dim)
         self.image_blocks = nn.ModuleList(
             AttentionBlock(dim, num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout, impl=impl,
@@ -111,6 +125,10 @@ class RelationalTransformer(nn.Module):
                 text_mask: Tensor | None = None, image_index: Tensor | None = None,
                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         image = self.encode_image(image_tokens, image_mask)  # (I, N, dim)
+        if self.question_query:
+            check_tokens(text_tokens, self.text_dim, "text_tokens", seq="Nt")
+            check_mask(text_mask, text_tokens, "text_mask")
+            text_tokens, text_mask = masked_mean(text_tokens, text_mask)[:, None], None  # (B, 1, text_dim)
         return self.text_stream(text_tokens, image, text_mask=text_mask, image_mask=image_mask,
                                 image_index=image_index, need_weights=need_weights)
 
