@@ -38,7 +38,8 @@ def open_gates(module):
     return module
 
 
-RELATIONAL = ["relation_network", "relational_transformer"]  # need a square token grid: tests/layers/test_relational.py
+# The relational fusions need a square grid of image tokens: tests/layers/test_relational.py.
+RELATIONAL = ["film", "relation_network", "relational_transformer"]
 
 
 def test_available_lists_every_fusion():

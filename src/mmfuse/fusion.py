@@ -51,7 +51,7 @@ from mmfuse.layers.common import (
 from mmfuse.layers.cross_attention import AttentionBlock, apply_blocks
 from mmfuse.layers.fusion_transformer import FusionTransformer
 from mmfuse.layers.gated import GatedCrossAttention
-from mmfuse.layers.relational import RelationalTransformer, RelationNetwork
+from mmfuse.layers.relational import FiLMReadout, RelationalTransformer, RelationNetwork
 from mmfuse.layers.self_fusion import ModalitySelfAttention, ModalityTokens
 
 __all__ = ["Fusion", "FusionOutput", "available", "create", "per_question", "register"]
@@ -421,3 +421,26 @@ class RelationNetworkFusion(Fusion):
         pooled = self.rn(image_tokens, masked_mean(text_tokens, text_mask), object_mask=image_mask,
                          object_index=image_index)  # (B, dim)
         return FusionOutput(pooled)
+
+
+@register("film")
+class FiLMFusion(Fusion):
+    """:class:`~mmfuse.layers.relational.FiLMReadout`: image tokens (coordinates, ``image_depth``
+    self-attention blocks, once per image), then ``depth`` question-conditioned FiLM blocks per token
+    and a max over the tokens; ``out.tokens`` are the modulated image tokens, no attention weights."""
+
+    def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, num_heads: int = 8, depth: int = 2,
+                 image_depth: int = 2, coordinates: bool = True, mlp_ratio: float = 4.0, dropout: float = 0.1,
+                 impl: str = "auto", attn_options: dict | None = None) -> None:
+        super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
+        self.readout = FiLMReadout(image_dim, text_dim, dim=dim, depth=depth, image_depth=image_depth,
+                                   coordinates=coordinates, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                                   dropout=dropout, impl=impl, attn_options=attn_options)
+
+    def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
+                text_mask: Tensor | None = None, image_index: Tensor | None = None,
+                need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask, image_index)
+        pooled, tokens = self.readout(image_tokens, text_tokens, image_mask=image_mask, text_mask=text_mask,
+                                      image_index=image_index)  # (B, dim), (B, Ni, dim)
+        return FusionOutput(pooled, tokens)

@@ -10,12 +10,18 @@ import torch
 from torch.testing import assert_close
 
 from mmfuse import fusion
-from mmfuse.layers.relational import RelationalTransformer, RelationNetwork, append_coordinates, grid_coordinates
+from mmfuse.layers.relational import (
+    FiLMReadout,
+    RelationalTransformer,
+    RelationNetwork,
+    append_coordinates,
+    grid_coordinates,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 IMAGE_DIM, TEXT_DIM, DIM, HEADS = 12, 10, 16, 4
-NAMES = ["relational_transformer", "relation_network"]
+NAMES = ["relational_transformer", "relation_network", "film"]
 
 
 def make(name: str, **kwargs) -> fusion.Fusion:
@@ -50,6 +56,7 @@ def test_registered_and_buildable_by_name():
     assert set(NAMES) <= set(fusion.available())
     assert isinstance(make("relational_transformer", image_depth=1).encoder, RelationalTransformer)
     assert isinstance(make("relation_network").rn, RelationNetwork)
+    assert isinstance(make("film", image_depth=0).readout, FiLMReadout)
     with pytest.raises(TypeError, match="unexpected arguments"):
         make("relation_network", image_depth=2)
 
@@ -107,12 +114,14 @@ def test_coordinates_make_token_order_matter(name, coordinates):
 
 
 @pytest.mark.parametrize("image_depth", [0, 2])
-def test_image_self_attention_lets_tokens_see_each_other(image_depth):
-    enc = make("relational_transformer", image_depth=image_depth).encoder.eval()
+@pytest.mark.parametrize("name", ["relational_transformer", "film"])
+def test_image_self_attention_lets_tokens_see_each_other(name, image_depth):
+    model = make(name, image_depth=image_depth).eval()
+    enc = model.encoder.image if name == "relational_transformer" else model.readout.image
     image = torch.randn(1, 9, IMAGE_DIM)
     changed = image.clone()
     changed[0, 8] += 3.0
-    a, b = enc.encode_image(image), enc.encode_image(changed)
+    a, b = enc(image), enc(changed)
     assert torch.allclose(a[0, :8], b[0, :8]) == (image_depth == 0)
 
 
@@ -156,7 +165,7 @@ def test_relation_network_rejects_bad_shapes():
 def test_learns_a_positional_relation_in_a_few_steps(name):
     """Which of two marked tokens is further right: a relation between positions, not contents."""
     torch.manual_seed(0)
-    model = make(name, **({"image_depth": 1} if name == "relational_transformer" else {}))
+    model = make(name, **({} if name == "relation_network" else {"image_depth": 1}))
     head = torch.nn.Linear(DIM, 2)
     opt = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=3e-3)
     text = torch.zeros(32, 1, TEXT_DIM)
@@ -193,3 +202,19 @@ def test_question_query_sends_one_token_per_question():
                  out.pooled)
     gathered = model(image[index], text, image_mask=image_mask[index], text_mask=text_mask)
     assert_close(gathered.pooled, out.pooled)
+
+
+def test_film_pools_the_max_over_kept_tokens_and_starts_unconditioned():
+    model = make("film").eval()
+    image, text, image_mask, text_mask, index = batch()
+    out = model(image, text, image_mask=image_mask, text_mask=text_mask, image_index=index)
+    kept = out.tokens.masked_fill(~image_mask[index][..., None], float("-inf"))
+    assert_close(out.pooled, kept.amax(dim=1))
+    # gamma = beta = 0 at initialisation: every question about an image gets the same vector
+    assert_close(out.pooled[0], out.pooled[2])
+    with torch.no_grad():
+        model.readout.film.weight.normal_()
+    out = model(image, text, image_mask=image_mask, text_mask=text_mask, image_index=index)
+    assert not torch.allclose(out.pooled[0], out.pooled[2])
+    empty = torch.zeros_like(image_mask)
+    assert (model(image, text, image_mask=empty, text_mask=text_mask, image_index=index).pooled == 0).all()

@@ -42,7 +42,14 @@ from mmfuse.layers.common import (
 from mmfuse.layers.cross_attention import AttentionBlock, apply_blocks
 from mmfuse.layers.fusion_transformer import FusionTransformer
 
-__all__ = ["RelationNetwork", "RelationalTransformer", "append_coordinates", "grid_coordinates"]
+__all__ = [
+    "FiLMReadout",
+    "ImageRelationEncoder",
+    "RelationNetwork",
+    "RelationalTransformer",
+    "append_coordinates",
+    "grid_coordinates",
+]
 
 NUM_COORDINATES = 3  # x, y, x^2 + y^2
 
@@ -71,9 +78,40 @@ def append_coordinates(image_tokens: Tensor) -> Tensor:
     return torch.cat([image_tokens, coords.expand(I, N, NUM_COORDINATES)], dim=-1)
 
 
+class ImageRelationEncoder(nn.Module):
+    """Image tokens (+ coordinates) -> Linear to ``dim`` -> ``depth`` self-attention blocks, once per image.
+
+    ``forward(image_tokens (I, N, image_dim), image_mask=None) -> (I, N, dim)``. ``depth=0`` is the
+    projection alone; ``coordinates=False`` leaves positions implicit in the tokens.
+    """
+
+    def __init__(self, image_dim: int, dim: int, *, depth: int = 2, coordinates: bool = True, num_heads: int = 4,
+                 mlp_ratio: float = 4.0, dropout: float = 0.0, impl: str = "auto",
+                 attn_options: dict | None = None) -> None:
+        super().__init__()
+        if depth < 0:
+            raise ValueError(f"image_depth must be >= 0, got {depth}")
+        self.image_dim = image_dim
+        self.coordinates = coordinates
+        self.proj = nn.Linear(image_dim + (NUM_COORDINATES if coordinates else 0), dim)
+        self.blocks = nn.ModuleList(
+            AttentionBlock(dim, num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout, impl=impl,
+                           attn_options=attn_options)
+            for _ in range(depth)
+        )
+        init_linear(self.proj)
+
+    def forward(self, image_tokens: Tensor, image_mask: Tensor | None = None) -> Tensor:
+        check_tokens(image_tokens, self.image_dim, "image_tokens", seq="Ni")
+        check_mask(image_mask, image_tokens, "image_mask")
+        x = append_coordinates(image_tokens) if self.coordinates else image_tokens  # (I, N, C + 3)
+        x, _ = apply_blocks(self.blocks, self.proj(x), mask=image_mask)  # (I, N, dim)
+        return x
+
+
 class RelationalTransformer(nn.Module):
-    """Image tokens (+ coordinates) -> ``image_depth`` self-attention blocks -> a
-    :class:`~mmfuse.layers.FusionTransformer` whose text stream reads them.
+    """:class:`ImageRelationEncoder` (coordinates, ``image_depth`` self-attention blocks) -> a
+    :class:`~mmfuse.layers.FusionTransformer` whose text stream reads the image tokens.
 
     ``forward(image_tokens, text_tokens, *, image_mask=None, text_mask=None, image_index=None,
     need_weights=False)`` returns ``(text (B, Nt, dim), weights (B, H, Nt, N) | None)``, the weights of
@@ -92,34 +130,20 @@ class RelationalTransformer(nn.Module):
                  mlp_ratio: float = 4.0, dropout: float = 0.0, impl: str = "auto",
                  attn_options: dict | None = None) -> None:
         super().__init__()
-        if image_depth < 0:
-            raise ValueError(f"image_depth must be >= 0, got {image_depth}")
         self.image_dim = image_dim
         self.text_dim = text_dim
         self.dim = dim
-        self.coordinates = coordinates
         self.question_query = question_query
-        self.image_proj = nn.Linear(image_dim + (NUM_COORDINATES if coordinates else 0), dim)
-        self.image_blocks = nn.ModuleList(
-            AttentionBlock(dim, num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout, impl=impl,
-                           attn_options=attn_options)
-            for _ in range(image_depth)
-        )
+        self.image = ImageRelationEncoder(image_dim, dim, depth=image_depth, coordinates=coordinates,
+                                          num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout, impl=impl,
+                                          attn_options=attn_options)
         self.text_stream = FusionTransformer(text_dim, dim, dim=dim, num_heads=num_heads, depth=depth,
                                              mlp_ratio=mlp_ratio, dropout=dropout, impl=impl,
                                              attn_options=attn_options)
-        self.init_weights()
-
-    def init_weights(self) -> None:
-        init_linear(self.image_proj)
 
     def encode_image(self, image_tokens: Tensor, image_mask: Tensor | None = None) -> Tensor:
         """(I, N, image_dim) -> (I, N, dim): coordinates, projection, image self-attention."""
-        check_tokens(image_tokens, self.image_dim, "image_tokens", seq="Ni")
-        check_mask(image_mask, image_tokens, "image_mask")
-        x = append_coordinates(image_tokens) if self.coordinates else image_tokens  # (I, N, C + 3)
-        x, _ = apply_blocks(self.image_blocks, self.image_proj(x), mask=image_mask)  # (I, N, dim)
-        return x
+        return self.image(image_tokens, image_mask)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
                 text_mask: Tensor | None = None, image_index: Tensor | None = None,
@@ -131,6 +155,72 @@ class RelationalTransformer(nn.Module):
             text_tokens, text_mask = masked_mean(text_tokens, text_mask)[:, None], None  # (B, 1, text_dim)
         return self.text_stream(text_tokens, image, text_mask=text_mask, image_mask=image_mask,
                                 image_index=image_index, need_weights=need_weights)
+
+
+class FiLMReadout(nn.Module):
+    """Question-conditioned (FiLM) residual MLP blocks on every image token, then a max over the tokens.
+
+    Perez et al. 2018 (FiLM) modulate visual features with a per-channel scale and shift predicted
+    from the question. Here the image tokens come from an :class:`ImageRelationEncoder` (once per
+    image); per question, each of ``depth`` blocks computes ``x + relu((1 + gamma) * W LN(x) + beta)``
+    with ``(gamma, beta)`` from the question vector (the masked mean of its text tokens), and the
+    pooled vector is the max over the kept tokens.
+
+    **Why a max.** Finding "the <colour> object" is a selection among ~64 tokens. A softmax over them
+    starts uniform, so each token receives ~1/64 of the gradient and the selection is slow to form; a
+    max sends the whole gradient to the token that responds most, so the question's scale and shift
+    learn directly to make the named object's token respond.
+
+    ``forward(image_tokens, text_tokens, *, image_mask=None, text_mask=None, image_index=None)`` ->
+    ``(pooled (B, dim), tokens (B, N, dim))``; masked tokens never win the max; a row with no kept
+    token pools to zeros.
+    """
+
+    def __init__(self, image_dim: int, text_dim: int, *, dim: int = 64, depth: int = 2, image_depth: int = 2,
+                 coordinates: bool = True, num_heads: int = 4, mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 impl: str = "auto", attn_options: dict | None = None) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.text_dim = text_dim
+        self.dim = dim
+        self.image = ImageRelationEncoder(image_dim, dim, depth=image_depth, coordinates=coordinates,
+                                          num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout, impl=impl,
+                                          attn_options=attn_options)
+        self.film = nn.Linear(text_dim, 2 * depth * dim)  # (gamma, beta) for every block
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
+        self.linears = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
+        self.drop = nn.Dropout(dropout)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        for linear in self.linears:
+            init_linear(linear)
+        # gamma = beta = 0 at the start: unconditioned blocks, which the question then learns to steer.
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+
+    def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
+                text_mask: Tensor | None = None, image_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        check_tokens(text_tokens, self.text_dim, "text_tokens", seq="Nt")
+        check_mask(text_mask, text_tokens, "text_mask")
+        x = self.image(image_tokens, image_mask)  # (I, N, dim)
+        if image_index is not None:
+            check_context_index(image_index, text_tokens.shape[0], x.shape[0])
+            x = gather_rows(x, image_index)  # (B, N, dim)
+            image_mask = None if image_mask is None else image_mask.index_select(0, image_index)
+        elif x.shape[0] != text_tokens.shape[0]:
+            raise ValueError(f"{x.shape[0]} images for {text_tokens.shape[0]} questions: pass image_index")
+        B, _, D = x.shape  # (B, N, dim)
+        film = self.film(masked_mean(text_tokens, text_mask)).view(B, len(self.linears), 2, 1, D)  # (B, L, 2, 1, D)
+        for i, (norm, linear) in enumerate(zip(self.norms, self.linears, strict=True)):
+            gamma, beta = film[:, i, 0], film[:, i, 1]  # (B, 1, D) each
+            x = x + self.drop(torch.relu((1 + gamma) * linear(norm(x)) + beta))  # (B, N, D)
+        if image_mask is None:
+            return x.amax(dim=1), x
+        keep = image_mask[..., None]  # (B, N, 1)
+        pooled = x.masked_fill(~keep, float("-inf")).amax(dim=1)  # (B, D)
+        return torch.where(keep.any(dim=1), pooled, torch.zeros_like(pooled)), x
 
 
 class RelationNetwork(nn.Module):
