@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -15,10 +16,14 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_preset_sets_the_recipe_and_flags_override_it():
-    train, model = apply_preset("sort-of-clevr", {"epochs": 1}, {"dim": 16})
-    assert train["epochs"] == 1 and model["dim"] == 16
-    assert model["fusion"] == PRESETS["sort-of-clevr"]["model"]["fusion"]
-    assert PRESETS["sort-of-clevr"]["model"]["dim"] != 16  # the preset itself is not modified
+    before = copy.deepcopy(PRESETS)
+    train, model = apply_preset("sort-of-clevr", {"epochs": 1}, {"dim": 16, "fusion": "film"})
+    assert train["epochs"] == 1 and model["dim"] == 16 and model["fusion"] == "film"
+    train, model = apply_preset("sort-of-clevr", {}, {})
+    assert train["epochs"] == PRESETS["sort-of-clevr"]["epochs"]
+    assert model["fusion"] == "relational_transformer" and model["fusion_options"]["question_query"]
+    model["fusion_options"]["image_depth"] = 99
+    assert PRESETS == before  # applying never modifies the preset itself
     TrainConfig(**train, model=model)  # every key is a real setting
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         apply_preset("nope", {}, {})

@@ -16,14 +16,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Sort-of-CLEVR (Santoro et al. 2017): six small objects, relational questions. See the README's
     # "Relational reasoning: Sort-of-CLEVR" for the ablation behind each choice.
     "sort-of-clevr": {
-        "epochs": 12,
+        "epochs": 6,
         "model": {
             "fusion": "relational_transformer",
-            "image_size": 64,
-            "cnn_stages": [[32], [64], [64]],
-            "dim": 64,
-            "depth": 2,
-            "fusion_options": {"image_depth": 2, "coordinates": True},
+            "fusion_options": {"image_depth": 2, "coordinates": True, "question_query": True},
         },
     },
 }
