@@ -36,11 +36,14 @@ def test_make_dataset_train_with_preset_evaluate_by_kind(tmp_path, capsys):
     assert str(data) in capsys.readouterr().out
     assert main(["train", "--preset", "sort-of-clevr", "--data", str(data), "--out", str(run), "--epochs", "1",
                  "--image-size", "32", "--dim", "16", "--num-heads", "2", "--threads", "1", "--no-progress",
-                 "--warmup-steps", "1", "--images-per-batch", "4"]) == 0
+                 "--warmup-steps", "1", "--images-per-batch", "4",
+                 "--fusion-options", '{"image_depth": 1, "question_query": true}']) == 0
     capsys.readouterr()
     model = VQAModel.from_pretrained(run)
     assert model.config.fusion == PRESETS["sort-of-clevr"]["model"]["fusion"]
     assert model.config.dim == 16 and model.config.image_size == 32  # flags over the preset
+    assert model.config.fusion_options == {"image_depth": 1, "question_query": True}
+    assert len(model.fusion.encoder.image.blocks) == 1
     assert main(["evaluate", "--checkpoint", str(run), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["num_examples"] == 60
@@ -49,3 +52,9 @@ def test_make_dataset_train_with_preset_evaluate_by_kind(tmp_path, capsys):
     assert summary["accuracy"] == pytest.approx(sum(by_kind.values()) / 2)  # 30 questions of each kind
     assert main(["evaluate", "--checkpoint", str(run)]) == 0
     assert "relational" in capsys.readouterr().out
+
+
+def test_fusion_options_must_be_a_json_object(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--fusion-options", "[1]"])
+    assert e.value.code == 2 and "expected a JSON object, got list" in capsys.readouterr().err

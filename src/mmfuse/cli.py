@@ -54,11 +54,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float)
     g.add_argument("--impl", choices=list(IMPLS), help="attention implementation")
     g.add_argument("--image-size", type=int, help="images are resized to this square size")
+    g.add_argument("--fusion-options", type=_json_object, metavar="JSON",
+                   help='extra arguments of the fusion, e.g. \'{"image_depth": 0}\' (replaces a preset\'s)')
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _model_options(args: argparse.Namespace) -> dict[str, Any]:
     names = ("fusion", "vision", "vgg_width", "pool_queries", "text", "hf_path", "dim", "depth", "num_heads",
-             "dropout", "impl", "image_size")  # flags named as the VQAConfig fields they set
+             "dropout", "impl", "image_size", "fusion_options")  # flags named as the VQAConfig fields they set
     options = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     if getattr(args, "hf_finetune", False):
         options["hf_freeze"] = False
