@@ -21,7 +21,7 @@ def test_preset_sets_the_recipe_and_flags_override_it():
     assert train["epochs"] == 1 and model["dim"] == 16 and model["fusion"] == "film"
     train, model = apply_preset("sort-of-clevr", {}, {})
     assert train["epochs"] == PRESETS["sort-of-clevr"]["epochs"]
-    assert model["fusion"] == "relational_transformer" and model["fusion_options"]["question_query"]
+    assert model["fusion"] == "relational_transformer" and model["fusion_options"]["coordinates"]
     model["fusion_options"]["image_depth"] = 99
     assert PRESETS == before  # applying never modifies the preset itself
     TrainConfig(**train, model=model)  # every key is a real setting

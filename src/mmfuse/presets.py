@@ -19,7 +19,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "epochs": 6,
         "model": {
             "fusion": "relational_transformer",
-            "fusion_options": {"image_depth": 2, "coordinates": True, "question_query": True},
+            # Every word attends (question_query=False): one averaged query per question was 6x cheaper
+            # but never learned which object a colour names (64% against 99.9% on "what shape is the
+            # <colour> object?" in the ablation).
+            "fusion_options": {"image_depth": 2, "coordinates": True, "question_query": False},
         },
     },
 }
