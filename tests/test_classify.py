@@ -12,7 +12,7 @@ from mmfuse import tasks
 from mmfuse.ablate import CLASSIFY_COLUMNS, run_classify_ablation
 from mmfuse.cli import main
 from mmfuse.data.context_shapes import write_context_dataset
-from mmfuse.recipes import RECIPES
+from mmfuse.presets import PRESETS
 from mmfuse.train import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -160,7 +160,7 @@ def test_cli_ablate_classify_with_the_seed_recipe(image_data, tmp_path, capsys):
                  "--threads", "1", "--out", str(out), "--no-progress"]) == 0
     assert "vgg16-xattn-8h" in capsys.readouterr().out
     settings = json.loads((out / "vgg16-xattn-8h" / "run.json").read_text())
-    for key, value in RECIPES["seed003"].items():
+    for key, value in PRESETS["seed003"].items():
         assert settings[key] == value
     assert json.loads((out / "vgg16-xattn-8h" / "config.json").read_text())["num_heads"] == 8
 
@@ -171,7 +171,7 @@ def test_train_recipe_is_overridden_by_flags(text_data, tmp_path):
                  "--recipe", "seed003", "--lr", "0.05", *FLAGS]) == 0
     settings = json.loads((out / "run.json").read_text())
     assert settings["optimizer"] == "sgd" and settings["schedule"] == "step" and settings["lr"] == 0.05
-    assert settings["attention_lr_mult"] == RECIPES["seed003"]["attention_lr_mult"]
+    assert settings["attention_lr_mult"] == PRESETS["seed003"]["attention_lr_mult"]
 
 
 def test_make_dataset_context_via_the_cli(tmp_path, capsys):

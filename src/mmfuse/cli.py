@@ -19,6 +19,7 @@ from mmfuse import __version__
 from mmfuse import fusion as fusion_registry
 from mmfuse.attention import IMPLS
 from mmfuse.device import PRECISIONS
+from mmfuse.presets import PRESETS, apply_preset
 
 __all__ = ["main"]
 
@@ -105,6 +106,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-q", type=int, help="--impl chunked/local: queries per tile (default: 512, local 256)")
     g.add_argument("--block-k", type=int, help="--impl chunked/local: keys per tile (default: 1024)")
     g.add_argument("--image-size", type=int, help=f"images are resized to this square size {d('image_size')}")
+    g.add_argument("--fusion-options", type=_json_object, metavar="JSON",
+                   help='extra arguments of the fusion, e.g. \'{"image_depth": 0}\' (replaces a preset\'s)')
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _classify_default(name: str) -> str:
@@ -177,9 +190,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     d = _train_default
     g = p.add_argument_group("training")
     g.add_argument("--task", help=f"what to train: {_task_names()} {d('task')}")
-    g.add_argument("--recipe", choices=_recipe_names(),
-                   help="a named preset of training settings; flags given here override it (seed003: SGD "
-                        "momentum 0.9, StepLR every 5 epochs x0.1, 10x attention learning rate)")
     g.add_argument("--epochs", type=int, help=f"epochs {d('epochs')}")
     g.add_argument("--seed", type=int, help=f"seed of initialisation and batch order {d('seed')}")
     g.add_argument("--images-per-batch", type=int,
@@ -214,12 +224,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, help=f"evaluate every N epochs, 0: only at the end {d('eval_every')}")
 
 
-def _recipe_names() -> list[str]:
-    from mmfuse.recipes import RECIPES
-
-    return sorted(RECIPES)
-
-
 def _task_names() -> str:
     from mmfuse import tasks
 
@@ -252,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true", help="write RUN_DIR/report.md after training")
     p.add_argument("--json", action="store_true", help="print the last epoch's metrics as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--preset", "--recipe", dest="preset", choices=sorted(PRESETS),
+                   help="start from a named recipe; flags given here override it (seed003: SGD momentum 0.9, "
+                        "StepLR every 5 epochs x0.1, 10x attention learning rate; sort-of-clevr: see the README)")
     _add_model_args(p)
     _add_classify_args(p)
     _add_train_args(p)
@@ -283,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fusions", help="comma-separated fusion names (default: a representative set)")
     p.add_argument("--variants", help="--task classify: comma-separated variants (default: vgg16, vgg16-xattn, "
                    "vgg16-xattn-8h, vgg16-multilevel, resnet18)")
-    p.add_argument("--recipe", choices=_recipe_names(), help="a named preset of training settings")
+    p.add_argument("--preset", "--recipe", dest="preset", choices=sorted(PRESETS),
+                   help="a named recipe of training settings (see mmfuse train --help)")
     p.add_argument("--width", type=float, help="--task classify: backbone channel multiplier (default: 1.0)")
     p.add_argument("--image-size", type=int, help="images are resized to this square size (default: the data's)")
     p.add_argument("--images-per-batch", type=int, help="batch size (default: the training default)")
@@ -296,14 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
 
     p = sub.add_parser("make-dataset", help="write a synthetic dataset as a JSONL directory")
-    p.add_argument("kind", choices=["relational", "context"],
+    p.add_argument("kind", choices=["relational", "sort-of-clevr", "context"],
                    help="relational: several shapes per image, questions about their spatial relations; "
+                        "sort-of-clevr: the benchmark of Santoro et al. 2017 (six objects, 75 px); "
                         "context: several shapes per image, a context names one, the label is its shape")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write")
-    p.add_argument("--train-images", type=int, default=4000, help="training images")
-    p.add_argument("--test-images", type=int, default=1000, help="test images")
-    p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
-    p.add_argument("--objects", type=int, default=4, help="objects per image")
+    p.add_argument("--train-images", type=int, help="default: 4000 (relational, context), 9800 (sort-of-clevr)")
+    p.add_argument("--test-images", type=int, help="default: 1000 (relational, context), 200 (sort-of-clevr)")
+    p.add_argument("--image-size", type=int, help="default: 64 (relational, context), 75 (sort-of-clevr)")
+    p.add_argument("--objects", type=int, default=4, help="objects per image (relational, context)")
+    p.add_argument("--object-radius", type=int, default=5, help="half the object width in pixels (sort-of-clevr)")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     p.add_argument("--context", choices=["text", "image"], default="text",
                    help="context: name the object's colour (text) or show it (an image)")
@@ -360,7 +370,7 @@ _RESUME_OK = frozenset({"device", "threads", "compile"})
 def _resume_conflicts(args: argparse.Namespace) -> list[str]:
     """The flags given with --resume that set a training or model setting (which the run already has)."""
     fields = {*_train_fields(), *_model_fields(), "hf_finetune"} - _RESUME_OK
-    fields.add("recipe")
+    fields.add("preset")
     given = [name for name, value in vars(args).items() if name in fields and value not in (None, False)]
     return ["--" + name.replace("_", "-") for name in sorted(given)]
 
@@ -388,11 +398,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                             allow_data_change=args.allow_data_change, **overrides)
             out = Path(args.resume)
         else:
-            from mmfuse.recipes import apply_recipe
-
-            options = apply_recipe(args.recipe, _train_options(args))
+            preset_train, preset_model = apply_preset(args.preset, {}, {}) if args.preset else ({}, {})
+            options = {**preset_train, **_train_options(args)}
             task = options.get("task", "vqa")
-            model = _model_options(args, task)
+            model = {**preset_model, **_model_options(args, task)}
             out = Path(args.out or _default_out(task, model, options.get("seed", 0)))
             cfg = TrainConfig(data=args.data, out=str(out), progress=progress, model=model, **options)
             result = Trainer(cfg, overwrite=args.overwrite).fit()
@@ -535,7 +544,6 @@ def _predict_class(model: Any, args: argparse.Namespace) -> int:
 
 def _ablate_classify(args: argparse.Namespace) -> int:
     from mmfuse.ablate import CLASSIFY_VARIANTS, DEFAULT_CLASSIFY_VARIANTS, run_classify_ablation
-    from mmfuse.recipes import apply_recipe
     from mmfuse.train import TrainConfig
 
     if args.fusions:
@@ -547,7 +555,7 @@ def _ablate_classify(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown variant(s) {unknown}; choose from {list(CLASSIFY_VARIANTS)}")
     given = {k: getattr(args, k) for k in ("images_per_batch", "lr", "threads") if getattr(args, k) is not None}
     base: dict[str, Any] = {"device": args.device, **({"precision": args.precision} if args.precision else {}),
-                            **apply_recipe(args.recipe, given)}
+                            **(apply_preset(args.preset, given, {})[0] if args.preset else given)}
     base["model"] = {k: getattr(args, k) for k in ("width", "image_size") if getattr(args, k) is not None}
     epochs = args.epochs if args.epochs is not None else TrainConfig.__dataclass_fields__["epochs"].default
     run_classify_ablation(data=args.data, variants=variants, epochs=epochs, seed=args.seed, out_dir=args.out,
@@ -561,7 +569,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
     if args.task == "classify":
         return _ablate_classify(args)
-    vqa_only = [f for f, v in (("--variants", args.variants), ("--recipe", args.recipe), ("--width", args.width),
+    vqa_only = [f for f, v in (("--variants", args.variants), ("--preset", args.preset), ("--width", args.width),
                                ("--image-size", args.image_size), ("--images-per-batch", args.images_per_batch),
                                ("--lr", args.lr), ("--threads", args.threads)) if v is not None]
     if vqa_only:
@@ -582,22 +590,24 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_make_dataset(args: argparse.Namespace) -> int:
-    from mmfuse.data.relational import write_relational_dataset
-
+    sizes = {k: v for k, v in (("num_train_images", args.train_images), ("num_test_images", args.test_images),
+                               ("image_size", args.image_size)) if v is not None}
     if args.kind == "context":
         from mmfuse.data.context_shapes import write_context_dataset
 
-        root = write_context_dataset(args.out, num_train_images=args.train_images,
-                                     num_test_images=args.test_images, image_size=args.image_size,
-                                     num_objects=args.objects, context=args.context, label=args.label,
-                                     seed=args.seed)
+        root = write_context_dataset(args.out, num_objects=args.objects, context=args.context, label=args.label,
+                                     seed=args.seed, **sizes)
         print(f"wrote {root} (train.jsonl, test.jsonl, images/); train on it with: "
               f"mmfuse train --task classify --data {root}")
         return 0
+    if args.kind == "sort-of-clevr":
+        from mmfuse.data.sort_of_clevr import write_sort_of_clevr
 
-    root = write_relational_dataset(args.out, num_train_images=args.train_images,
-                                    num_test_images=args.test_images, image_size=args.image_size,
-                                    num_objects=args.objects, seed=args.seed)
+        root = write_sort_of_clevr(args.out, object_radius=args.object_radius, seed=args.seed, **sizes)
+    else:
+        from mmfuse.data.relational import write_relational_dataset
+
+        root = write_relational_dataset(args.out, num_objects=args.objects, seed=args.seed, **sizes)
     print(f"wrote {root} (train.jsonl, test.jsonl, images/); train on it with: mmfuse train --data {root}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Evaluation: accuracy overall and per answer type, predictions, and a confusion matrix.
+"""Evaluation: accuracy overall, per answer type and per question kind, predictions, a confusion matrix.
 
 Answers the model's vocabulary lacks (a test answer training never saw) are counted as wrong: the
 model cannot produce them.
@@ -41,9 +41,10 @@ class EvalResult:
     def accuracy(self) -> float:
         return float(self.correct.float().mean()) if len(self.targets) else 0.0
 
-    def groups(self) -> dict[str, float]:
-        """Accuracy per answer type when the dataset has types, else per expected answer."""
-        keys = self.split.answer_types or self.split.answers
+    def groups(self, keys: list[str] | None = None) -> dict[str, float]:
+        """Accuracy per value of ``keys`` (one per question); default: per answer type when the dataset
+        has types, else per expected answer."""
+        keys = keys or self.split.answer_types or self.split.answers
         hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for key, ok in zip(keys, self.correct.tolist(), strict=True):
             hits[key][0] += int(ok)
@@ -52,8 +53,11 @@ class EvalResult:
 
     def summary(self) -> dict[str, Any]:
         by = "answer_type" if self.split.answer_types else "answer"
-        return {"accuracy": self.accuracy, "num_examples": len(self.targets),
-                "unknown_answers": int((self.targets < 0).sum()), f"accuracy_by_{by}": self.groups()}
+        out = {"accuracy": self.accuracy, "num_examples": len(self.targets),
+               "unknown_answers": int((self.targets < 0).sum()), f"accuracy_by_{by}": self.groups()}
+        if self.split.kinds:
+            out["accuracy_by_kind"] = self.groups(self.split.kinds)
+        return out
 
     def confusion(self) -> Tensor:
         """(A, A) counts: row = expected answer, column = predicted (unknown answers left out)."""

@@ -4,7 +4,8 @@ One JSON object a line (blank lines are skipped)::
 
     {"image": "images/0001.png", "question": "what color is the shape?", "answer": "blue"}
 
-plus an optional ``"answer_type"`` (given on every line of a split or on none); other keys are ignored.
+plus an optional ``"answer_type"`` and an optional ``"kind"`` (a question family such as Sort-of-CLEVR's
+"relational" / "non-relational"; each given on every line of a split or on none); other keys are ignored.
 ``image`` is a path relative to the dataset directory; an absolute path, or one whose ``..`` parts climb
 out of the directory, is rejected. The check is on the path as written: a symbolic link inside the
 directory may point elsewhere (the dataset's owner put it there). Questions naming the same file share
@@ -43,6 +44,7 @@ class _Example:
     question: str
     answer: str
     answer_type: str | None
+    kind: str | None = None
 
 
 def load_jsonl_split(
@@ -79,6 +81,7 @@ def load_jsonl_split(
         questions=[ex.question for ex in examples],
         answers=[ex.answer for ex in examples],
         answer_types=[str(ex.answer_type) for ex in examples] if has_types else None,
+        kinds=[str(ex.kind) for ex in examples] if examples[0].kind is not None else None,
         image_paths=[str(p) for p in first_line],
         name=f"{base.name}/{split}",
     )
@@ -112,13 +115,13 @@ def _parse_line(path: Path, n: int, line: str, base: Path) -> _Example:
     for key in ("image", "question", "answer"):
         if key not in obj:
             raise DataError(f"{where}: missing key {key!r}", path=path)
-    for key in ("image", "question", "answer", "answer_type"):
+    for key in ("image", "question", "answer", "answer_type", "kind"):
         if key in obj and not isinstance(obj[key], str):
             raise DataError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}", path=path)
     if not obj["answer"]:
         raise DataError(f"{where}: 'answer' is empty", path=path)
     return _Example(n, _resolve_image(where, path, obj["image"], base), obj["question"], obj["answer"],
-                    obj.get("answer_type"))
+                    obj.get("answer_type"), obj.get("kind"))
 
 
 def _resolve_image(where: str, path: Path, image: str, base: Path) -> Path:
@@ -147,9 +150,10 @@ def _resolve_image(where: str, path: Path, image: str, base: Path) -> Path:
 
 
 def _check_answer_types(path: Path, examples: list[_Example]) -> None:
-    with_type = [ex.answer_type is not None for ex in examples]
-    if any(with_type) and not all(with_type):
-        first = examples[with_type.index(True)].line
-        missing = examples[with_type.index(False)].line
-        raise DataError(f"{path} line {missing}: no 'answer_type', but line {first} has one; give it on "
-                        "every line or on none", path=path)
+    for key in ("answer_type", "kind"):
+        with_type = [getattr(ex, key) is not None for ex in examples]
+        if any(with_type) and not all(with_type):
+            first = examples[with_type.index(True)].line
+            missing = examples[with_type.index(False)].line
+            raise DataError(f"{path} line {missing}: no {key!r}, but line {first} has one; give it on "
+                            "every line or on none", path=path)

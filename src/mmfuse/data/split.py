@@ -23,7 +23,8 @@ class VQASplit:
         image_index: (N,) int64, question i is about images[image_index[i]]
 
     ``answer_types`` is per question ("yes/no", "color", "shape" for easy-VQA) or None when the dataset
-    gives none; ``image_paths[m]`` is the file row ``m`` was decoded from.
+    gives none; ``kinds`` is a per-question family (Sort-of-CLEVR's "relational" / "non-relational") or
+    None; ``image_paths[m]`` is the file row ``m`` was decoded from.
     """
 
     images: Tensor
@@ -33,6 +34,7 @@ class VQASplit:
     answer_types: list[str] | None
     image_paths: list[str]
     name: str
+    kinds: list[str] | None = None
 
     def __post_init__(self) -> None:
         n, m = len(self.questions), len(self.image_paths)
@@ -48,6 +50,8 @@ class VQASplit:
             raise ValueError(f"{self.name}: image_index out of range [0, {m})")
         if len(self.answers) != n or (self.answer_types is not None and len(self.answer_types) != n):
             raise ValueError(f"{self.name}: questions, answers and answer_types differ in length")
+        if self.kinds is not None and len(self.kinds) != n:
+            raise ValueError(f"{self.name}: {len(self.kinds)} kinds for {n} questions")
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -63,7 +67,8 @@ class VQASplit:
             images=self.images[:num_images], image_index=self.image_index[keep],
             questions=[self.questions[i] for i in keep], answers=[self.answers[i] for i in keep],
             answer_types=None if self.answer_types is None else [self.answer_types[i] for i in keep],
-            image_paths=self.image_paths[:num_images], name=f"{self.name}[:{num_images} images]")
+            image_paths=self.image_paths[:num_images], name=f"{self.name}[:{num_images} images]",
+            kinds=None if self.kinds is None else [self.kinds[i] for i in keep])
 
 
 def majority_answer_accuracy(train: VQASplit, test: VQASplit) -> float:
