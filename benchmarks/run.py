@@ -28,6 +28,7 @@ BENCHMARKS = {
     "attention": "benchmarks.attention",
     "memory": "benchmarks.memory",
     "training": "benchmarks.training",
+    "threads": "benchmarks.threads",
     "serve": "benchmarks.serve",
 }
 RESULTS = Path(__file__).resolve().parent / "results"
