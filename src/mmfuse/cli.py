@@ -86,12 +86,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     d = _vqa_default
     g = p.add_argument_group("model")
     g.add_argument("--fusion", choices=fusion_registry.available(), help=f"fusion by name {d('fusion')}")
-    g.add_argument("--vision", choices=["cnn", "vgg11", "vgg16"], help=f"vision encoder {d('vision')}")
+    g.add_argument("--vision", type=_encoder_choice("cnn", "vgg11", "vgg16"), metavar="{cnn,vgg11,vgg16,hf:PATH}",
+                   help=f"vision encoder; hf:PATH a local Hugging Face vision model, frozen {d('vision')}")
+    g.add_argument("--vision-finetune", action="store_true", default=None,
+                   help="train the hf:PATH vision model too (default: frozen)")
     g.add_argument("--vgg-width", type=float, help=f"channel multiplier of VGG, 1.0 = the original {d('vgg_width')}")
     g.add_argument("--pool-queries", type=int,
                    help=f"pool the image tokens to this many latents first, 0: off {d('pool_queries')}")
-    g.add_argument("--text", choices=["transformer", "hf"],
-                   help=f"own small transformer, or a Hugging Face model {d('text')}")
+    g.add_argument("--text", type=_encoder_choice("transformer", "hf"), metavar="{transformer,hf,hf:PATH}",
+                   help=f"own small transformer, the bundled MiniLM (hf), or a local Hugging Face model {d('text')}")
+    g.add_argument("--text-pooling", choices=["none", "cls", "mean"],
+                   help=f"a Hugging Face text model's tokens, or one pooled token {d('text_pooling')}")
     g.add_argument("--hf-path", help="folder of a Hugging Face model (default with --text hf: the bundled MiniLM)")
     g.add_argument("--hf-finetune", action="store_true", help="train the Hugging Face encoder too (default: frozen)")
     g.add_argument("--dim", type=int, help=f"fusion width {d('dim')}")
@@ -100,6 +105,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, help=f"dropout probability {d('dropout')}")
     g.add_argument("--impl", choices=list(IMPLS), help=f"attention implementation {d('impl')}")
     g.add_argument("--image-size", type=int, help=f"images are resized to this square size {d('image_size')}")
+
+
+def _encoder_choice(*names: str) -> Any:
+    """An argparse type accepting ``names`` or ``hf:PATH``."""
+
+    def parse(value: str) -> str:
+        if value in names or (value.startswith("hf:") and len(value) > 3):
+            return value
+        raise argparse.ArgumentTypeError(f"invalid choice {value!r} (choose from {', '.join(names)}, hf:PATH)")
+
+    return parse
 
 
 def _model_fields() -> set[str]:
@@ -123,10 +139,11 @@ def _model_options(args: argparse.Namespace, task: str = "vqa") -> dict[str, Any
     options = {name: getattr(args, name) for name in own if getattr(args, name, None) is not None}
     if getattr(args, "hf_finetune", False):
         options["hf_freeze"] = False
-    if options.get("text") == "hf" and "hf_path" not in options:
-        from mmfuse.encoders.hf import default_hf_model_path
+    vision = str(options.get("vision", ""))
+    if vision.startswith("hf:") and "image_size" not in options:  # decode images at the model's own size
+        from mmfuse.encoders.hf_vision import image_size
 
-        options["hf_path"] = str(default_hf_model_path())
+        options["image_size"] = image_size(vision[3:])
     return options
 
 
