@@ -9,6 +9,10 @@ plus an optional ``"answer_type"`` (given on every line of a split or on none); 
 out of the directory, is rejected. The check is on the path as written: a symbolic link inside the
 directory may point elsewhere (the dataset's owner put it there). Questions naming the same file share
 one decoded image. Every error is a :class:`DataError` naming the file and, where there is one, the line.
+
+Precomputed features: a line may give ``"image_features": "feats/0001.safetensors"`` (a tensor named
+``features``, (N, D) or (D,); see :mod:`mmfuse.data.features`) instead of ``"image"``, on every line of
+a split; the split then holds image tokens and the model skips its vision encoder.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .features import load_feature_files
 from .images import DataError, load_images
 from .split import VQASplit
 
@@ -43,6 +48,7 @@ class _Example:
     question: str
     answer: str
     answer_type: str | None
+    features: bool = False  # ``image`` is an image_features file
 
 
 def load_jsonl_split(
@@ -59,13 +65,16 @@ def load_jsonl_split(
     if not examples:
         raise DataError(f"{path}: no examples", path=path)
     _check_answer_types(path, examples)
+    _check_same_kind(path, examples)
 
     first_line: dict[Path, int] = {}  # image file -> first line naming it; its dict order = image rows
     for ex in examples:
         first_line.setdefault(ex.image, ex.line)
     row_of = {image: row for row, image in enumerate(first_line)}
     try:
-        images = load_images(list(first_line), image_size, desc=f"{base.name}/{split}", progress=progress)
+        images = (load_feature_files(list(first_line), desc=f"{base.name}/{split}", progress=progress)
+                  if examples[0].features else
+                  load_images(list(first_line), image_size, desc=f"{base.name}/{split}", progress=progress))
     except DataError as e:
         line = first_line.get(Path(e.path)) if e.path else None
         if line is None:
@@ -103,16 +112,17 @@ def _parse_line(path: Path, n: int, line: str, base: Path) -> _Example:
         raise DataError(f"{where}: invalid JSON: {e}", path=path) from e
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}", path=path)
-    for key in ("image", "question", "answer"):
+    features = "image" not in obj and "image_features" in obj
+    for key in ("image_features" if features else "image", "question", "answer"):
         if key not in obj:
             raise DataError(f"{where}: missing key {key!r}", path=path)
-    for key in ("image", "question", "answer", "answer_type"):
+    for key in ("image", "image_features", "question", "answer", "answer_type"):
         if key in obj and not isinstance(obj[key], str):
             raise DataError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}", path=path)
     if not obj["answer"]:
         raise DataError(f"{where}: 'answer' is empty", path=path)
-    return _Example(n, _resolve_image(where, path, obj["image"], base), obj["question"], obj["answer"],
-                    obj.get("answer_type"))
+    image = _resolve_image(where, path, obj["image_features" if features else "image"], base)
+    return _Example(n, image, obj["question"], obj["answer"], obj.get("answer_type"), features)
 
 
 def _resolve_image(where: str, path: Path, image: str, base: Path) -> Path:
@@ -127,6 +137,14 @@ def _resolve_image(where: str, path: Path, image: str, base: Path) -> Path:
     if not file.is_file():
         raise DataError(f"{where}: image file {image!r} not found ({file})", path=path)
     return file
+
+
+def _check_same_kind(path: Path, examples: list[_Example]) -> None:
+    kinds = [ex.features for ex in examples]
+    if any(kinds) and not all(kinds):
+        first = examples[kinds.index(not kinds[0])].line
+        raise DataError(f"{path} line {first}: a split gives 'image' on every line or 'image_features' on every "
+                        f"line, not both (line {examples[0].line} differs)", path=path)
 
 
 def _check_answer_types(path: Path, examples: list[_Example]) -> None:

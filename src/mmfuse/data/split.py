@@ -19,7 +19,7 @@ class VQASplit:
 
         M  images      N  questions      S  image side
 
-        images:      (M, 3, S, S) uint8 RGB
+        images:      (M, 3, S, S) uint8 RGB, or (M, T, D) float image tokens (precomputed features)
         image_index: (N,) int64, question i is about images[image_index[i]]
 
     ``answer_types`` is per question ("yes/no", "color", "shape" for easy-VQA) or None when the dataset
@@ -36,8 +36,10 @@ class VQASplit:
 
     def __post_init__(self) -> None:
         n, m = len(self.questions), len(self.image_paths)
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
-            raise ValueError(f"{self.name}: images must be uint8 (M, 3, S, S), got "
+        pixels = self.images.dtype == torch.uint8 and self.images.dim() == 4 and self.images.shape[1] == 3
+        tokens = self.images.is_floating_point() and self.images.dim() == 3
+        if not (pixels or tokens):
+            raise ValueError(f"{self.name}: images must be uint8 (M, 3, S, S) or float tokens (M, T, D), got "
                              f"{self.images.dtype} {tuple(self.images.shape)}")
         if self.images.shape[0] != m:
             raise ValueError(f"{self.name}: {self.images.shape[0]} images but {m} image paths")
@@ -53,8 +55,14 @@ class VQASplit:
         return len(self.questions)
 
     @property
+    def has_features(self) -> bool:
+        """Whether ``images`` holds image tokens (M, T, D) rather than pixels."""
+        return self.images.is_floating_point()
+
+    @property
     def image_size(self) -> int:
-        return int(self.images.shape[-1])
+        """The side S of the images; 0 for a split of image tokens."""
+        return 0 if self.has_features else int(self.images.shape[-1])
 
     def first_images(self, num_images: int) -> VQASplit:
         """The first ``num_images`` images and all of their questions (a slice for quick experiments)."""

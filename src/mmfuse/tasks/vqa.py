@@ -9,13 +9,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmfuse.data import AnswerVocab, ImageGroupedBatches, VQASplit, WordTokenizer, encode_answers, load_split
+from mmfuse.data import AnswerVocab, DataError, ImageGroupedBatches, VQASplit, WordTokenizer, encode_answers, load_split
 from mmfuse.data.batching import Batch
 from mmfuse.evaluate import EvalResult, evaluate, write_predictions
 from mmfuse.models.vqa import VQAConfig, VQAModel
 from mmfuse.tasks.base import StepOutput, Task
 
-__all__ = ["VQATask"]
+__all__ = ["VQATask", "check_split"]
+
+
+def check_split(model: VQAModel, split: VQASplit) -> None:
+    """A one-line error when ``split`` gives image tokens the model cannot take, or pixels it has no encoder for."""
+    if split.has_features:
+        T, D = split.images.shape[1:]
+        if D != model.vision_dim:
+            raise DataError(f"{split.name}: image features are ({T}, {D}), the model takes (N, {model.vision_dim})")
+    elif model.vision is None:
+        raise DataError(f"{split.name}: gives images, but the model takes precomputed image_features "
+                        f"(N, {model.vision_dim})")
 
 
 class VQATask(Task):
@@ -37,7 +48,13 @@ class VQATask(Task):
         if options.get("text", "transformer") == "transformer":
             tokenizer = WordTokenizer.fit(train_split.questions)
             options["vocab_size"] = len(tokenizer)
-        options.setdefault("image_size", train_split.image_size)
+        if train_split.has_features:  # precomputed image tokens: the model has no vision encoder
+            if options.get("vision", "features") != "features":
+                raise ValueError(f"{train_split.name} gives image_features, which replace the vision encoder; "
+                                 f"drop --vision {options['vision']}")
+            options["vision"], options["feature_dim"] = "features", int(train_split.images.shape[-1])
+        else:
+            options.setdefault("image_size", train_split.image_size)
         config = VQAConfig(num_answers=len(answers), **options)
         return VQAModel(config, answers=answers, tokenizer=tokenizer)
 
@@ -46,6 +63,7 @@ class VQATask(Task):
 
     def batches(self, model: nn.Module, split: VQASplit, *, batch_size: int, shuffle: bool = True, seed: int = 0,
                 rank: int = 0, world_size: int = 1) -> ImageGroupedBatches:
+        check_split(model, split)
         ids, mask = model.tokenize(split.questions)
         answers = encode_answers(split.answers, model.answers)
         return ImageGroupedBatches(split, ids, mask, answers, images_per_batch=batch_size, shuffle=shuffle,
@@ -60,6 +78,7 @@ class VQATask(Task):
 
     def evaluate(self, model: nn.Module, split: VQASplit, *, device: torch.device | str = "cpu",
                  precision: str = "fp32") -> EvalResult:
+        check_split(model, split)
         return evaluate(model, split, precision=precision)
 
     def write_predictions(self, result: EvalResult, path: str | os.PathLike) -> None:
