@@ -79,7 +79,7 @@ def _add_device(p: argparse.ArgumentParser, *, precision: bool = True) -> None:
 
 def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="easy-vqa",
-                   help="'easy-vqa' (built in) or a directory with train.jsonl and test.jsonl (default: easy-vqa)")
+                   help="'easy-vqa' (built in) or a directory with train/test .jsonl or .parquet (default: easy-vqa)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

@@ -50,10 +50,25 @@ class EvalResult:
             hits[key][1] += 1
         return {k: h / n for k, (h, n) in sorted(hits.items())}
 
+    @property
+    def vqa_accuracy(self) -> float | None:
+        """The VQA accuracy, mean of ``min(#annotators who gave the prediction / 3, 1)``, where the split has
+        every annotator's answers; None otherwise."""
+        lists = self.split.answer_lists
+        if lists is None or not lists:
+            return None
+        names = self.answer_names
+        scores = [min(answers.count(names[p]) / 3, 1.0) for answers, p in zip(lists, self.predictions.tolist(),
+                                                                              strict=True)]
+        return sum(scores) / len(scores)
+
     def summary(self) -> dict[str, Any]:
         by = "answer_type" if self.split.answer_types else "answer"
-        return {"accuracy": self.accuracy, "num_examples": len(self.targets),
-                "unknown_answers": int((self.targets < 0).sum()), f"accuracy_by_{by}": self.groups()}
+        out = {"accuracy": self.accuracy, "num_examples": len(self.targets),
+               "unknown_answers": int((self.targets < 0).sum()), f"accuracy_by_{by}": self.groups()}
+        if self.vqa_accuracy is not None:
+            out["vqa_accuracy"] = self.vqa_accuracy
+        return out
 
     def confusion(self) -> Tensor:
         """(A, A) counts: row = expected answer, column = predicted (unknown answers left out)."""

@@ -17,6 +17,7 @@ Normalisation (mean / std, float conversion) is the model's business, not the da
 
 from __future__ import annotations
 
+import io
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +28,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["DataError", "load_image", "load_images"]
+__all__ = ["DataError", "decode_image_bytes", "load_image", "load_images"]
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _WIDE_INT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
@@ -72,13 +73,23 @@ def load_image(path: str | Path, size: int) -> Tensor:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: image file not found", path=path)
+    return _decode(path, size, str(path), path)
+
+
+def decode_image_bytes(data: bytes, size: int, *, name: str) -> Tensor:
+    """:func:`load_image` for an encoded image held in memory (a Parquet cell); errors name ``name``."""
+    _check_size(size)
+    return _decode(io.BytesIO(data), size, name, None)
+
+
+def _decode(source: Path | io.BytesIO, size: int, name: str, path: Path | None) -> Tensor:
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             ImageOps.exif_transpose(im, in_place=True)
             rgb = _to_rgb(im)
     except _DECODE_ERRORS as e:
-        raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})", path=path) from e
+        raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})", path=path) from e
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, S, S)

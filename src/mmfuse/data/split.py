@@ -23,7 +23,9 @@ class VQASplit:
         image_index: (N,) int64, question i is about images[image_index[i]]
 
     ``answer_types`` is per question ("yes/no", "color", "shape" for easy-VQA) or None when the dataset
-    gives none; ``image_paths[m]`` is the file row ``m`` was decoded from.
+    gives none; ``image_paths[m]`` is the file row ``m`` was decoded from. ``answer_lists`` holds every
+    annotator's answer per question where the dataset gives several (``answers`` is then the most common),
+    for the VQA accuracy; None otherwise.
     """
 
     images: Tensor
@@ -33,6 +35,7 @@ class VQASplit:
     answer_types: list[str] | None
     image_paths: list[str]
     name: str
+    answer_lists: list[list[str]] | None = None
 
     def __post_init__(self) -> None:
         n, m = len(self.questions), len(self.image_paths)
@@ -48,7 +51,8 @@ class VQASplit:
                              f"{self.image_index.dtype} {tuple(self.image_index.shape)}")
         if n and not (0 <= int(self.image_index.min()) and int(self.image_index.max()) < m):
             raise ValueError(f"{self.name}: image_index out of range [0, {m})")
-        if len(self.answers) != n or (self.answer_types is not None and len(self.answer_types) != n):
+        if (len(self.answers) != n or (self.answer_types is not None and len(self.answer_types) != n)
+                or (self.answer_lists is not None and len(self.answer_lists) != n)):
             raise ValueError(f"{self.name}: questions, answers and answer_types differ in length")
 
     def __len__(self) -> int:
@@ -71,7 +75,8 @@ class VQASplit:
             images=self.images[:num_images], image_index=self.image_index[keep],
             questions=[self.questions[i] for i in keep], answers=[self.answers[i] for i in keep],
             answer_types=None if self.answer_types is None else [self.answer_types[i] for i in keep],
-            image_paths=self.image_paths[:num_images], name=f"{self.name}[:{num_images} images]")
+            image_paths=self.image_paths[:num_images], name=f"{self.name}[:{num_images} images]",
+            answer_lists=None if self.answer_lists is None else [self.answer_lists[i] for i in keep])
 
 
 def majority_answer_accuracy(train: VQASplit, test: VQASplit) -> float:
