@@ -86,7 +86,7 @@ def test_errors_name_file_and_row(tiny, tmp_path):
     good = [(tiny / r["image"]).read_bytes() for r in rows]
     base = {"question": [r["question"] for r in rows], "answer": [r["answer"] for r in rows]}
 
-    write(tmp_path / "train.parquet", {**base, "image": good[:4] + [b"not an image", good[5]]})
+    write(tmp_path / "train.parquet", {**base, "image": [*good[:4], b"not an image", good[5]]})
     with pytest.raises(DataError, match=r"train\.parquet row 4: cannot decode image"):
         load_split(tmp_path, "train")
     (tmp_path / "images").symlink_to(tiny / "images")
