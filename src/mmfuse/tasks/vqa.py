@@ -11,11 +11,22 @@ from torch import nn
 
 from mmfuse.data import AnswerVocab, DataError, ImageGroupedBatches, VQASplit, WordTokenizer, encode_answers, load_split
 from mmfuse.data.batching import Batch
+from mmfuse.data.feature_cache import cached_image_tokens
 from mmfuse.evaluate import EvalResult, evaluate, write_predictions
 from mmfuse.models.vqa import VQAConfig, VQAModel
 from mmfuse.tasks.base import StepOutput, Task
 
-__all__ = ["VQATask", "check_split"]
+__all__ = ["VQATask", "check_split", "with_cached_tokens"]
+
+
+def with_cached_tokens(model: VQAModel, split: VQASplit) -> VQASplit:
+    """``split`` checked against ``model``; with a frozen pretrained backbone, its images replaced by the
+    backbone's tokens from the feature cache (:mod:`mmfuse.data.feature_cache`)."""
+    check_split(model, split)
+    vision = model.vision
+    if split.has_features or not getattr(vision, "freeze", False) or not hasattr(vision, "identity"):
+        return split
+    return cached_image_tokens(vision, split, device=next(model.parameters()).device)
 
 
 def check_split(model: VQAModel, split: VQASplit) -> None:
@@ -63,7 +74,7 @@ class VQATask(Task):
 
     def batches(self, model: nn.Module, split: VQASplit, *, batch_size: int, shuffle: bool = True, seed: int = 0,
                 rank: int = 0, world_size: int = 1) -> ImageGroupedBatches:
-        check_split(model, split)
+        split = with_cached_tokens(model, split)
         ids, mask = model.tokenize(split.questions)
         answers = encode_answers(split.answers, model.answers)
         return ImageGroupedBatches(split, ids, mask, answers, images_per_batch=batch_size, shuffle=shuffle,
@@ -78,8 +89,7 @@ class VQATask(Task):
 
     def evaluate(self, model: nn.Module, split: VQASplit, *, device: torch.device | str = "cpu",
                  precision: str = "fp32") -> EvalResult:
-        check_split(model, split)
-        return evaluate(model, split, precision=precision)
+        return evaluate(model, with_cached_tokens(model, split), precision=precision)
 
     def write_predictions(self, result: EvalResult, path: str | os.PathLike) -> None:
         write_predictions(result, path)
