@@ -24,6 +24,7 @@ from benchmarks.common import environment
 
 BENCHMARKS = {
     "attention": "benchmarks.attention",
+    "features": "benchmarks.features",
     "memory": "benchmarks.memory",
     "training": "benchmarks.training",
 }

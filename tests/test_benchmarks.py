@@ -8,6 +8,7 @@ from benchmarks.run import BENCHMARKS, main
 
 EXPECTED_KEYS = {
     "attention": {"shapes", "matmul_gflops", "rows", "targets"},
+    "features": {"config", "rows", "speedup"},
     "memory": {"config", "rows"},
     "training": {"rows", "time_to_target", "native_bf16"},
 }
