@@ -109,3 +109,17 @@ def test_two_tower_folder_gives_its_vision_tower(tmp_path):
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"config\.json not found"):
         HFVisionEncoder(tmp_path)
+
+
+def test_fingerprint_ignores_heads_the_folder_lacks(tmp_path):
+    """A ViT saved without its pooler gets a random one at every load; the fingerprint (of the files) and
+    so a saved state stay valid."""
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=32, patch_size=8, **TINY)
+    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(tmp_path)
+    transformers.ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    first, second = HFVisionEncoder(tmp_path), HFVisionEncoder(tmp_path)
+    assert not torch.equal(first.model.pooler.dense.weight, second.model.pooler.dense.weight)
+    assert torch.equal(first.backbone_fingerprint, second.backbone_fingerprint)
+    second.load_state_dict(first.state_dict())
+    torch.testing.assert_close(first(images(1, 32)), second(images(1, 32)))

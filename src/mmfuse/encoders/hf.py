@@ -63,17 +63,29 @@ def resolve_hf_path(path: str | os.PathLike | None) -> Path:
     return folder
 
 
-def weights_fingerprint(module: nn.Module) -> Tensor:
-    """SHA-256 of every tensor of ``module`` (names, shapes, dtypes, bytes) as a (32,) uint8 tensor."""
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
+
+
+def weights_fingerprint(folder: str | os.PathLike) -> Tensor:
+    """SHA-256 of a model folder's weight and config files (``*.safetensors``, ``*.bin``, ``*.json``: names
+    and bytes) as a (32,) uint8 tensor.
+
+    The files, not the loaded module: a head the files lack (e.g. ViT's pooler) is initialised at random
+    on every load and would make a module's fingerprint differ each time.
+    """
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    for file in sorted(Path(folder).iterdir()):
+        if file.is_file() and file.suffix in _WEIGHT_SUFFIXES:
+            h.update(f"{file.name};".encode())
+            with file.open("rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
     return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8).clone()
 
 
-def freeze_backbone(owner: nn.Module, attr: str = "model") -> None:
-    """Freeze ``owner.<attr>`` and keep its weights out of ``owner``'s state (see the module docstring).
+def freeze_backbone(owner: nn.Module, folder: str | os.PathLike, attr: str = "model") -> None:
+    """Freeze ``owner.<attr>``, loaded from ``folder``, and keep its weights out of ``owner``'s state (see
+    the module docstring).
 
     The fingerprint is a persistent buffer ``owner.backbone_fingerprint``; loading a state whose
     fingerprint differs raises :class:`~mmfuse.io.CheckpointError`.
@@ -81,7 +93,7 @@ def freeze_backbone(owner: nn.Module, attr: str = "model") -> None:
     backbone: nn.Module = getattr(owner, attr)
     backbone.requires_grad_(False)
     backbone.eval()
-    owner.register_buffer("backbone_fingerprint", weights_fingerprint(backbone))
+    owner.register_buffer("backbone_fingerprint", weights_fingerprint(folder))
     expected = owner.backbone_fingerprint.clone()
     inner = f"{attr}."
 
@@ -146,7 +158,7 @@ class HFTextEncoder(nn.Module):
         self.model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
         self.out_dim: int = self.model.config.hidden_size
         if freeze:
-            freeze_backbone(self)
+            freeze_backbone(self, folder)
 
     def train(self, mode: bool = True) -> HFTextEncoder:
         super().train(mode)

@@ -148,7 +148,7 @@ class HFVisionEncoder(nn.Module):
         # A ResNet / ConvNeXt config also has hidden_size (the pooled width), which is its last stage's.
         self.out_dim: int = int(sizes[-1] if sizes else hidden)
         if freeze:
-            freeze_backbone(self)
+            freeze_backbone(self, folder)
 
     def train(self, mode: bool = True) -> HFVisionEncoder:
         super().train(mode)
