@@ -26,6 +26,7 @@ BENCHMARKS = {
     "attention": "benchmarks.attention",
     "features": "benchmarks.features",
     "memory": "benchmarks.memory",
+    "storage": "benchmarks.storage",
     "training": "benchmarks.training",
 }
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -10,6 +10,7 @@ EXPECTED_KEYS = {
     "attention": {"shapes", "matmul_gflops", "rows", "targets"},
     "features": {"config", "rows", "speedup"},
     "memory": {"config", "rows"},
+    "storage": {"config", "rows"},
     "training": {"rows", "time_to_target", "native_bf16"},
 }
 

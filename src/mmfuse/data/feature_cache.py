@@ -45,7 +45,7 @@ def _encode(encoder: nn.Module, images: Tensor, out: Any, *, device: torch.devic
     disable = None if progress is None else not progress
     for start in tqdm(range(0, images.shape[0], batch_size), desc=desc, unit="batch", disable=disable, leave=False):
         tokens = encoder(images[start : start + batch_size].to(device)).float().cpu()  # (b, N, D)
-        out[start : start + tokens.shape[0]] = tokens.numpy() if isinstance(out, np.ndarray) else tokens
+        out[start : start + tokens.shape[0]] = tokens
 
 
 def cached_image_tokens(encoder: nn.Module, split: VQASplit, *, device: torch.device | str = "cpu",

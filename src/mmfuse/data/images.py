@@ -21,6 +21,7 @@ import io
 import struct
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,14 +97,17 @@ def _decode(source: Path | io.BytesIO, size: int, name: str, path: Path | None) 
 
 
 def load_images(
-    paths: Sequence[str | Path], size: int, *, desc: str = "images", progress: bool | None = None
+    paths: Sequence[str | Path], size: int, *, desc: str = "images", progress: bool | None = None,
+    out: Any = None,
 ) -> Tensor:
     """Decode ``paths`` into one ``(M, 3, size, size)`` uint8 tensor, row ``i`` from ``paths[i]``.
 
-    ``progress``: show a tqdm bar on stderr; ``None`` shows it only when stderr is a terminal.
+    ``progress``: show a tqdm bar on stderr; ``None`` shows it only when stderr is a terminal. ``out``: where
+    to put row ``i`` (``out[i] = image``) instead of a new tensor, e.g. a file on disk; it is returned.
     """
     _check_size(size)
-    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    if out is None:
+        out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     disable = None if progress is None else not progress  # tqdm: None = off unless a tty
     for i, path in enumerate(tqdm(paths, desc=desc, unit="img", disable=disable, leave=False)):
         out[i] = load_image(path, size)

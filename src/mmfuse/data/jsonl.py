@@ -27,8 +27,9 @@ from typing import Any
 import torch
 
 from .features import load_feature_files
-from .images import DataError, load_images
+from .images import DataError
 from .split import VQASplit
+from .storage import decoded_images
 
 __all__ = ["SPLIT_NAMES", "load_jsonl_split", "split_file"]
 
@@ -74,7 +75,7 @@ def load_jsonl_split(
     try:
         images = (load_feature_files(list(first_line), desc=f"{base.name}/{split}", progress=progress)
                   if examples[0].features else
-                  load_images(list(first_line), image_size, desc=f"{base.name}/{split}", progress=progress))
+                  decoded_images(list(first_line), image_size, desc=f"{base.name}/{split}", progress=progress))
     except DataError as e:
         line = first_line.get(Path(e.path)) if e.path else None
         if line is None:
