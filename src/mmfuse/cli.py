@@ -227,10 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     p.add_argument("--bf16", action="store_const", const="bf16", dest="precision", help="the same as --precision bf16")
 
-    p = sub.add_parser("predict", help="answer one question about one image")
+    p = sub.add_parser("predict", help="answer one question about one image, or every line of a split")
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a run directory (or saved model)")
-    p.add_argument("--image", required=True, metavar="PATH", help="an image file")
-    p.add_argument("--question", required=True, metavar="TEXT", help="the question")
+    p.add_argument("--image", metavar="PATH", help="an image file")
+    p.add_argument("--question", metavar="TEXT", help="the question")
+    p.add_argument("--data", metavar="DIR", help="instead of --image/--question: a dataset directory, every line "
+                   "of --split answered (lines need no 'answer') into --predictions")
+    p.add_argument("--split", default="test", metavar="NAME", help="the split of --data: NAME.jsonl or NAME.parquet")
+    p.add_argument("--predictions", metavar="OUT.jsonl", help="with --data: one JSON line per question")
     p.add_argument("--attention-map", metavar="OUT.png", help="write the attention over the image")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_device(p)
@@ -379,6 +383,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.checkpoint}: predict answers questions with a VQA model, this is a "
                          f"{model.model_type} model")
     device = next(model.parameters()).device
+    if args.data:
+        return _predict_split(model, args)
+    if not (args.image and args.question):
+        raise UsageError("predict needs --image and --question, or --data and --predictions")
     image = load_image(args.image, model.config.image_size)  # (3, S, S) uint8
     probs = model.answer(image[None].to(device), [args.question])[0].cpu()
     top = probs.topk(min(5, len(probs)))
@@ -396,6 +404,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"  {p:6.1%}  {name}")
     if args.attention_map:
         print(f"attention map: {args.attention_map}")
+    return 0
+
+
+def _predict_split(model: Any, args: argparse.Namespace) -> int:
+    from mmfuse import tasks
+    from mmfuse.data import load_split
+    from mmfuse.device import resolve_precision
+    from mmfuse.evaluate import unknown_words, write_answers
+
+    if not args.predictions:
+        raise UsageError("predict --data needs --predictions OUT.jsonl")
+    task = tasks.for_model(model)
+    split = load_split(args.data, args.split, image_size=model.config.image_size, require_answers=False)
+    unknown = unknown_words(model, split.questions)
+    if unknown:
+        log.warning("%d question words were never seen in training and are read as unknown: %s%s", len(unknown),
+                    ", ".join(repr(w) for w in unknown[:10]), " ..." if len(unknown) > 10 else "")
+    device = next(model.parameters()).device
+    result = task.evaluate(model, split, device=device, precision=resolve_precision(args.precision, device))
+    write_answers(result, args.predictions)
+    print(f"wrote {len(split)} predictions to {args.predictions}")
     return 0
 
 

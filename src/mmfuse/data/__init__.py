@@ -53,7 +53,8 @@ def has_split(data: str | Path, split: str) -> bool:
 
 
 def load_split(
-    data: str | Path, split: str, *, image_size: int = 64, progress: bool | None = None
+    data: str | Path, split: str, *, image_size: int = 64, progress: bool | None = None,
+    require_answers: bool = True,
 ) -> VQASplit:
     """Load ``split`` of ``data``: "easy-vqa" (train / test) or a directory of ``<split>.jsonl`` files (or
     ``<split>.parquet``, read when there is no ``.jsonl`` of that split)."""
@@ -64,6 +65,7 @@ def load_split(
     if not Path(data).is_dir():
         raise DataError(f"data {str(data)!r} is neither {EASY_VQA!r} nor a dataset directory "
                         "(one holding train.jsonl and test.jsonl)")
-    if split in SPLIT_NAMES and not split_file(data, split).is_file() and parquet_file(data, split).is_file():
-        return load_parquet_split(data, split, image_size=image_size, progress=progress)
-    return load_jsonl_split(data, split, image_size=image_size, progress=progress)
+    if not split_file(data, split).is_file() and parquet_file(data, split).is_file():
+        return load_parquet_split(data, split, image_size=image_size, progress=progress,
+                                  require_answers=require_answers)
+    return load_jsonl_split(data, split, image_size=image_size, progress=progress, require_answers=require_answers)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -36,9 +37,14 @@ __all__ = ["SPLIT_NAMES", "load_jsonl_split", "split_file"]
 SPLIT_NAMES = ("train", "val", "test")
 
 
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 def split_file(root: str | Path, split: str) -> Path:
-    if split not in SPLIT_NAMES:
-        raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
+    """``root/<split>.jsonl``; training uses ``train`` / ``val`` / ``test``, prediction any plain name."""
+    if not _SPLIT_NAME.fullmatch(split):
+        raise ValueError(f"split must be one of {SPLIT_NAMES} or another plain name (letters, digits, _ . -), "
+                         f"got {split!r}")
     return Path(root) / f"{split}.jsonl"
 
 
@@ -53,16 +59,19 @@ class _Example:
 
 
 def load_jsonl_split(
-    root: str | Path, split: str, *, image_size: int = 64, progress: bool | None = None
+    root: str | Path, split: str, *, image_size: int = 64, progress: bool | None = None,
+    require_answers: bool = True,
 ) -> VQASplit:
-    """Load ``root/<split>.jsonl`` and decode the images it names into a :class:`VQASplit`."""
+    """Load ``root/<split>.jsonl`` and decode the images it names into a :class:`VQASplit`.
+
+    ``require_answers=False`` reads unlabelled lines too (no ``answer``: an empty answer), for prediction."""
     root = Path(root)
     path = split_file(root, split)
     if not path.is_file():
         raise DataError(f"{path}: split file not found (a dataset directory holds train.jsonl, "
                         "test.jsonl and optionally val.jsonl)", path=path)
     base = root.resolve()
-    examples = [_parse_line(path, n, line, base) for n, line in _numbered_lines(path)]
+    examples = [_parse_line(path, n, line, base, require_answers) for n, line in _numbered_lines(path)]
     if not examples:
         raise DataError(f"{path}: no examples", path=path)
     _check_answer_types(path, examples)
@@ -105,7 +114,7 @@ def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
         raise DataError(f"{path}: cannot read ({e})", path=path) from e
 
 
-def _parse_line(path: Path, n: int, line: str, base: Path) -> _Example:
+def _parse_line(path: Path, n: int, line: str, base: Path, require_answers: bool = True) -> _Example:
     where = f"{path} line {n}"
     try:
         obj: Any = json.loads(line)
@@ -114,16 +123,16 @@ def _parse_line(path: Path, n: int, line: str, base: Path) -> _Example:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}", path=path)
     features = "image" not in obj and "image_features" in obj
-    for key in ("image_features" if features else "image", "question", "answer"):
+    for key in ("image_features" if features else "image", "question", *(("answer",) if require_answers else ())):
         if key not in obj:
             raise DataError(f"{where}: missing key {key!r}", path=path)
     for key in ("image", "image_features", "question", "answer", "answer_type"):
         if key in obj and not isinstance(obj[key], str):
             raise DataError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}", path=path)
-    if not obj["answer"]:
+    if require_answers and not obj["answer"]:
         raise DataError(f"{where}: 'answer' is empty", path=path)
     image = _resolve_image(where, path, obj["image_features" if features else "image"], base)
-    return _Example(n, image, obj["question"], obj["answer"], obj.get("answer_type"), features)
+    return _Example(n, image, obj["question"], obj.get("answer", ""), obj.get("answer_type"), features)
 
 
 def _resolve_image(where: str, path: Path, image: str, base: Path) -> Path:

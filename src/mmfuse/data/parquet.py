@@ -48,9 +48,10 @@ def _import_pyarrow() -> Any:
     return pq
 
 
-def load_parquet_split(root: str | Path, split: str, *, image_size: int = 64,
-                       progress: bool | None = None) -> VQASplit:
-    """Load ``root/<split>.parquet`` into a :class:`VQASplit` (see the module docstring)."""
+def load_parquet_split(root: str | Path, split: str, *, image_size: int = 64, progress: bool | None = None,
+                       require_answers: bool = True) -> VQASplit:
+    """Load ``root/<split>.parquet`` into a :class:`VQASplit` (see the module docstring); with
+    ``require_answers=False`` the answer column may be missing or null (an empty answer), for prediction."""
     pq = _import_pyarrow()
     root = Path(root)
     path = parquet_file(root, split)
@@ -60,16 +61,18 @@ def load_parquet_split(root: str | Path, split: str, *, image_size: int = 64,
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
         raise DataError(f"{path}: cannot read as Parquet ({e})", path=path) from e
     names = set(file.schema_arrow.names)
-    answer_column = "answer" if "answer" in names else "answers"
-    for column in ("question", answer_column, "image"):
+    answer_column = "answer" if "answer" in names or "answers" not in names else "answers"
+    unlabelled = not require_answers and answer_column not in names
+    for column in ("question", *(() if unlabelled else (answer_column,)), "image"):
         if column not in names:
             expected = "'answer' or 'answers'" if column == "answers" else repr(column)
             raise DataError(f"{path}: no column {expected} (columns: {sorted(names)})", path=path)
-    columns = ["question", answer_column, "image"] + (["answer_type"] if "answer_type" in names else [])
+    columns = ["question", "image", *(() if unlabelled else (answer_column,)),
+               *(("answer_type",) if "answer_type" in names else ())]
 
     questions: list[str] = []
     answers: list[str] = []
-    answer_lists: list[list[str]] | None = [] if answer_column == "answers" else None
+    answer_lists: list[list[str]] | None = [] if answer_column == "answers" and not unlabelled else None
     answer_types: list[str] | None = [] if "answer_type" in names else None
     image_index: list[int] = []
     rows_of: dict[Any, int] = {}  # image key (bytes digest or file) -> image row
@@ -82,10 +85,14 @@ def load_parquet_split(root: str | Path, split: str, *, image_size: int = 64,
         for batch in file.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
             for record in batch.to_pylist():
                 where = f"{path} row {row}"
-                question, answer = record["question"], record[answer_column]
+                question, answer = record["question"], record.get(answer_column)
                 if not isinstance(question, str):
                     raise DataError(f"{where}: 'question' must be a string, got {type(question).__name__}", path=path)
-                if answer_lists is not None:
+                if answer is None and not require_answers:
+                    answer = ""
+                    if answer_lists is not None:
+                        answer_lists.append([])
+                elif answer_lists is not None:
                     if not isinstance(answer, list) or not answer or not all(isinstance(a, str) and a for a in answer):
                         raise DataError(f"{where}: 'answers' must be a non-empty list of non-empty strings, got "
                                         f"{answer!r}", path=path)
