@@ -105,6 +105,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, help=f"dropout probability {d('dropout')}")
     g.add_argument("--impl", choices=list(IMPLS), help=f"attention implementation {d('impl')}")
     g.add_argument("--image-size", type=int, help=f"images are resized to this square size {d('image_size')}")
+    g.add_argument("--resize", choices=["squash", "pad", "crop"],
+                   help=f"non-square images: stretch, letterbox on black, or centre-crop {d('resize')}")
 
 
 def _encoder_choice(*names: str) -> Any:
@@ -387,7 +389,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return _predict_split(model, args)
     if not (args.image and args.question):
         raise UsageError("predict needs --image and --question, or --data and --predictions")
-    image = load_image(args.image, model.config.image_size)  # (3, S, S) uint8
+    image = load_image(args.image, model.config.image_size, resize=model.config.resize)  # (3, S, S) uint8
     probs = model.answer(image[None].to(device), [args.question])[0].cpu()
     top = probs.topk(min(5, len(probs)))
     names = model.answers.names
@@ -416,7 +418,8 @@ def _predict_split(model: Any, args: argparse.Namespace) -> int:
     if not args.predictions:
         raise UsageError("predict --data needs --predictions OUT.jsonl")
     task = tasks.for_model(model)
-    split = load_split(args.data, args.split, image_size=model.config.image_size, require_answers=False)
+    split = load_split(args.data, args.split, image_size=model.config.image_size, require_answers=False,
+                       resize=model.config.resize)
     unknown = unknown_words(model, split.questions)
     if unknown:
         log.warning("%d question words were never seen in training and are read as unknown: %s%s", len(unknown),

@@ -54,7 +54,7 @@ def has_split(data: str | Path, split: str) -> bool:
 
 def load_split(
     data: str | Path, split: str, *, image_size: int = 64, progress: bool | None = None,
-    require_answers: bool = True,
+    require_answers: bool = True, resize: str = "squash",
 ) -> VQASplit:
     """Load ``split`` of ``data``: "easy-vqa" (train / test) or a directory of ``<split>.jsonl`` files (or
     ``<split>.parquet``, read when there is no ``.jsonl`` of that split)."""
@@ -65,7 +65,9 @@ def load_split(
     if not Path(data).is_dir():
         raise DataError(f"data {str(data)!r} is neither {EASY_VQA!r} nor a dataset directory "
                         "(one holding train.jsonl and test.jsonl)")
-    if not split_file(data, split).is_file() and parquet_file(data, split).is_file():
-        return load_parquet_split(data, split, image_size=image_size, progress=progress,
-                                  require_answers=require_answers)
-    return load_jsonl_split(data, split, image_size=image_size, progress=progress, require_answers=require_answers)
+    load = (load_parquet_split if not split_file(data, split).is_file() and parquet_file(data, split).is_file()
+            else load_jsonl_split)
+    loaded = load(data, split, image_size=image_size, progress=progress, require_answers=require_answers,
+                  resize=resize)
+    loaded.source = (str(data), split)
+    return loaded

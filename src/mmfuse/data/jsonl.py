@@ -60,7 +60,7 @@ class _Example:
 
 def load_jsonl_split(
     root: str | Path, split: str, *, image_size: int = 64, progress: bool | None = None,
-    require_answers: bool = True,
+    require_answers: bool = True, resize: str = "squash",
 ) -> VQASplit:
     """Load ``root/<split>.jsonl`` and decode the images it names into a :class:`VQASplit`.
 
@@ -84,7 +84,8 @@ def load_jsonl_split(
     try:
         images = (load_feature_files(list(first_line), desc=f"{base.name}/{split}", progress=progress)
                   if examples[0].features else
-                  decoded_images(list(first_line), image_size, desc=f"{base.name}/{split}", progress=progress))
+                  decoded_images(list(first_line), image_size, desc=f"{base.name}/{split}", progress=progress,
+                                 resize=resize))
     except DataError as e:
         line = first_line.get(Path(e.path)) if e.path else None
         if line is None:
@@ -100,6 +101,7 @@ def load_jsonl_split(
         answer_types=[str(ex.answer_type) for ex in examples] if has_types else None,
         image_paths=[str(p) for p in first_line],
         name=f"{base.name}/{split}",
+        resize=resize,
     )
 
 

@@ -49,7 +49,7 @@ def _import_pyarrow() -> Any:
 
 
 def load_parquet_split(root: str | Path, split: str, *, image_size: int = 64, progress: bool | None = None,
-                       require_answers: bool = True) -> VQASplit:
+                       require_answers: bool = True, resize: str = "squash") -> VQASplit:
     """Load ``root/<split>.parquet`` into a :class:`VQASplit` (see the module docstring); with
     ``require_answers=False`` the answer column may be missing or null (an empty answer), for prediction."""
     pq = _import_pyarrow()
@@ -102,7 +102,7 @@ def load_parquet_split(root: str | Path, split: str, *, image_size: int = 64, pr
                     raise DataError(f"{where}: 'answer' must be a non-empty string, got {answer!r}", path=path)
                 if answer_types is not None:
                     answer_types.append(str(record["answer_type"]))
-                key, load = _image(where, path, record["image"], base, image_size)
+                key, load = _image(where, path, record["image"], base, image_size, resize)
                 if key not in rows_of:
                     rows_of[key] = len(images)
                     images.append(load())
@@ -116,20 +116,20 @@ def load_parquet_split(root: str | Path, split: str, *, image_size: int = 64, pr
         raise DataError(f"{path}: no examples", path=path)
     return VQASplit(images=torch.stack(images), image_index=torch.tensor(image_index, dtype=torch.long),
                     questions=questions, answers=answers, answer_types=answer_types, image_paths=image_paths,
-                    name=f"{base.name}/{split}", answer_lists=answer_lists)
+                    name=f"{base.name}/{split}", answer_lists=answer_lists, resize=resize)
 
 
-def _image(where: str, path: Path, cell: Any, base: Path, size: int) -> tuple[Any, Any]:
+def _image(where: str, path: Path, cell: Any, base: Path, size: int, resize: str) -> tuple[Any, Any]:
     """(a key that is equal for identical images, a function decoding the image)."""
     if isinstance(cell, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
         cell = cell.get("bytes") or cell.get("path")
     if isinstance(cell, bytes | bytearray):
         data = bytes(cell)
-        return hashlib.sha256(data).digest(), lambda: _wrap(where, path, lambda: decode_image_bytes(data, size,
-                                                                                                   name=where))
+        decode = lambda: decode_image_bytes(data, size, name=where, resize=resize)  # noqa: E731
+        return hashlib.sha256(data).digest(), lambda: _wrap(where, path, decode)
     if isinstance(cell, str):
         file = _resolve_image(where, path, cell, base)
-        return file, lambda: _wrap(where, path, lambda: load_image(file, size))
+        return file, lambda: _wrap(where, path, lambda: load_image(file, size, resize=resize))
     raise DataError(f"{where}: 'image' must be bytes, a relative path or a {{bytes, path}} struct, got "
                     f"{type(cell).__name__}", path=path)
 

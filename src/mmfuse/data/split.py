@@ -36,6 +36,8 @@ class VQASplit:
     image_paths: list[str]
     name: str
     answer_lists: list[list[str]] | None = None
+    resize: str = "squash"  # how the images were brought to S x S (mmfuse.data.images)
+    source: tuple[str, str] | None = None  # (data, split) it was loaded from, to load it again differently
 
     def __post_init__(self) -> None:
         n, m = len(self.questions), len(self.image_paths)
@@ -76,7 +78,8 @@ class VQASplit:
             questions=[self.questions[i] for i in keep], answers=[self.answers[i] for i in keep],
             answer_types=None if self.answer_types is None else [self.answer_types[i] for i in keep],
             image_paths=self.image_paths[:num_images], name=f"{self.name}[:{num_images} images]",
-            answer_lists=None if self.answer_lists is None else [self.answer_lists[i] for i in keep])
+            answer_lists=None if self.answer_lists is None else [self.answer_lists[i] for i in keep],
+            resize=self.resize)
 
 
 def majority_answer_accuracy(train: VQASplit, test: VQASplit) -> float:

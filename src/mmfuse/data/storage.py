@@ -6,7 +6,7 @@ progress bar while it builds) and later runs read that file; training gathers ea
 with ``pread`` (:mod:`mmfuse.data.disk`), so memory stays flat however large the file.
 
 The key covers what the decoded pixels depend on: every file's path, size and modification time, the
-image size and the decoding version. Settings (environment, so every command honours them):
+image size, the ``resize`` mode and the decoding version. Settings (environment, so every command honours them):
 
 - ``MMFUSE_IMAGE_STORAGE``: ``auto`` (default: disk above the threshold), ``memory`` or ``disk``;
 - ``MMFUSE_IMAGE_MEMORY_GB``: the threshold of ``auto`` in GiB of decoded images (default 2);
@@ -48,8 +48,8 @@ def image_storage(num_bytes: int, storage: str | None = None) -> str:
     return "disk" if num_bytes > limit * _GIB else "memory"
 
 
-def _key(paths: Sequence[Path], size: int) -> str:
-    h = hashlib.sha256(f"mmfuse-images:{_FORMAT}:{size};".encode())
+def _key(paths: Sequence[Path], size: int, resize: str) -> str:
+    h = hashlib.sha256(f"mmfuse-images:{_FORMAT}:{size}:{resize};".encode())
     for path in paths:
         try:
             st = os.stat(path)
@@ -60,17 +60,17 @@ def _key(paths: Sequence[Path], size: int) -> str:
 
 
 def decoded_images(paths: Sequence[Path], size: int, *, desc: str = "images", progress: bool | None = None,
-                   storage: str | None = None, cache_dir: str | Path | None = None) -> Tensor:
+                   storage: str | None = None, cache_dir: str | Path | None = None, resize: str = "squash") -> Tensor:
     """``load_images(paths, size)``, in memory or from / into the disk cache (see the module docstring)."""
     shape = (len(paths), 3, size, size)
     if image_storage(int(np.prod(shape)), storage) == "memory":
-        return load_images(paths, size, desc=desc, progress=progress)
-    file = Path(cache_dir or default_cache_dir()) / "images" / f"{_key(paths, size)}-{size}px.npy"
+        return load_images(paths, size, desc=desc, progress=progress, resize=resize)
+    file = Path(cache_dir or default_cache_dir()) / "images" / f"{_key(paths, size, resize)}-{size}px.npy"
     images = read_array(file, shape, np.uint8)
     if images is not None:
         logger.info("image cache: reused %d images from %s", len(paths), file)
         return images
     images = write_array(file, shape, np.uint8,
-                         lambda out: load_images(paths, size, desc=desc, progress=progress, out=out))
+                         lambda out: load_images(paths, size, desc=desc, progress=progress, out=out, resize=resize))
     logger.info("image cache: decoded %d images into %s", len(paths), file)
     return images

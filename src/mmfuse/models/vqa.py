@@ -59,6 +59,7 @@ class VQAConfig:
     num_answers: int
     vocab_size: int = 0  # word-level tokenizer size; 0 with a Hugging Face text encoder
     image_size: int = 64
+    resize: Literal["squash", "pad", "crop"] = "squash"  # non-square images: stretch, letterbox or centre-crop
     # vision
     vision: str = "cnn"  # "cnn", "vgg11", "vgg16", "hf:PATH" (a Hugging Face model folder) or "features"
     vision_finetune: bool = False  # train an hf: vision model too (default: frozen)
@@ -103,6 +104,8 @@ class VQAConfig:
             self.text, self.hf_path = "hf", self.text[3:]
         if self.text not in ("transformer", "hf"):
             raise ValueError(f"text must be 'transformer', 'hf' or 'hf:PATH', got {self.text!r}")
+        if self.resize not in ("squash", "pad", "crop"):
+            raise ValueError(f"resize must be 'squash', 'pad' or 'crop', got {self.resize!r}")
         if self.text_pooling not in ("none", "cls", "mean"):
             raise ValueError(f"text_pooling must be 'none', 'cls' or 'mean', got {self.text_pooling!r}")
         if self.text == "transformer" and self.vocab_size < 3:
