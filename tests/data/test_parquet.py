@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 
 import pytest
 import torch
@@ -110,3 +111,17 @@ def test_identical_image_bytes_decode_once(tiny, tmp_path):
     split = load_split(tmp_path, "test", image_size=16)
     assert split.images.shape == (2, 3, 16, 16) and split.image_index.tolist() == [0, 0, 1]
     assert torch.equal(split.images[1], load_image(tiny / "images/0001.png", 16))
+
+
+def test_disk_storage_builds_once_and_matches_memory(tiny, tmp_path, monkeypatch, caplog):
+    rows = rows_of(tiny, "train")
+    write(tmp_path / "train.parquet", {"question": [r["question"] for r in rows], "answer": [r["answer"] for r in rows],
+                                       "image": [(tiny / r["image"]).read_bytes() for r in rows]})
+    memory = load_split(tmp_path, "train", image_size=16)
+    monkeypatch.setenv("MMFUSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MMFUSE_IMAGE_STORAGE", "disk")
+    disk = load_split(tmp_path, "train", image_size=16)
+    assert hasattr(disk.images, "disk_rows") and torch.equal(disk.images, memory.images)
+    with caplog.at_level(logging.INFO, logger="mmfuse.data.storage"):
+        again = load_split(tmp_path, "train", image_size=16)
+    assert "image cache: reused" in caplog.text and torch.equal(again.images, memory.images)

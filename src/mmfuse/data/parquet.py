@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .images import DataError, decode_image_bytes, load_image
 from .jsonl import _resolve_image
 from .split import VQASplit
+from .storage import stored_images
 
 __all__ = ["load_parquet_split", "parquet_file"]
 
@@ -65,7 +66,7 @@ def load_parquet_split(root: str | Path, split: str, *, image_size: int = 64, pr
     unlabelled = not require_answers and answer_column not in names
     for column in ("question", *(() if unlabelled else (answer_column,)), "image"):
         if column not in names:
-            expected = "'answer' or 'answers'" if column == "answers" else repr(column)
+            expected = "'answer' or 'answers'" if column == answer_column else repr(column)
             raise DataError(f"{path}: no column {expected} (columns: {sorted(names)})", path=path)
     columns = ["question", "image", *(() if unlabelled else (answer_column,)),
                *(("answer_type",) if "answer_type" in names else ())]
@@ -76,7 +77,7 @@ def load_parquet_split(root: str | Path, split: str, *, image_size: int = 64, pr
     answer_types: list[str] | None = [] if "answer_type" in names else None
     image_index: list[int] = []
     rows_of: dict[Any, int] = {}  # image key (bytes digest or file) -> image row
-    images: list[Tensor] = []
+    first_rows: list[int] = []  # image row -> the file row where it first appears
     image_paths: list[str] = []
     row = 0
     bar = tqdm(total=file.metadata.num_rows, desc=f"{base.name}/{split}", unit="row",
@@ -102,10 +103,10 @@ def load_parquet_split(root: str | Path, split: str, *, image_size: int = 64, pr
                     raise DataError(f"{where}: 'answer' must be a non-empty string, got {answer!r}", path=path)
                 if answer_types is not None:
                     answer_types.append(str(record["answer_type"]))
-                key, load = _image(where, path, record["image"], base, image_size, resize)
+                key, _ = _image(where, path, record["image"], base, image_size, resize)
                 if key not in rows_of:
-                    rows_of[key] = len(images)
-                    images.append(load())
+                    rows_of[key] = len(first_rows)
+                    first_rows.append(row)
                     image_paths.append(str(key) if isinstance(key, Path) else f"{path.name}#row{row}")
                 image_index.append(rows_of[key])
                 questions.append(question)
@@ -114,7 +115,25 @@ def load_parquet_split(root: str | Path, split: str, *, image_size: int = 64, pr
             bar.update(batch.num_rows)
     if not questions:
         raise DataError(f"{path}: no examples", path=path)
-    return VQASplit(images=torch.stack(images), image_index=torch.tensor(image_index, dtype=torch.long),
+
+    def fill(out: Any) -> None:
+        """A second pass over the image column, decoding each image where it first appears."""
+        targets = dict(zip(first_rows, range(len(first_rows)), strict=True))
+        bar = tqdm(total=len(first_rows), desc=f"{base.name}/{split} images", unit="img",
+                   disable=None if progress is None else not progress, leave=False)
+        with bar:
+            row = 0
+            for batch in file.iter_batches(batch_size=_BATCH_ROWS, columns=["image"]):
+                for cell in batch.column(0).to_pylist():
+                    if row in targets:
+                        _, load = _image(f"{path} row {row}", path, cell, base, image_size, resize)
+                        out[targets[row]] = load()
+                        bar.update()
+                    row += 1
+
+    sources = [path.resolve(), *(Path(p) for p in image_paths if not p.startswith(f"{path.name}#row"))]
+    images = stored_images(len(first_rows), image_size, sources, fill, resize=resize)
+    return VQASplit(images=images, image_index=torch.tensor(image_index, dtype=torch.long),
                     questions=questions, answers=answers, answer_types=answer_types, image_paths=image_paths,
                     name=f"{base.name}/{split}", answer_lists=answer_lists, resize=resize)
 

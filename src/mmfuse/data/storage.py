@@ -18,17 +18,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from .disk import read_array, write_array
 from .easy_vqa import default_cache_dir
 from .images import DataError, load_images
 
-__all__ = ["STORAGES", "decoded_images", "image_storage"]
+__all__ = ["STORAGES", "decoded_images", "image_storage", "stored_images"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +61,28 @@ def _key(paths: Sequence[Path], size: int, resize: str) -> str:
     return h.hexdigest()[:32]
 
 
+def stored_images(num_images: int, size: int, sources: Sequence[Path], fill: Callable[[Any], None], *,
+                  storage: str | None = None, cache_dir: str | Path | None = None, resize: str = "squash") -> Tensor:
+    """(num_images, 3, size, size) uint8 images that ``fill(out)`` decodes (``out[i] = image``), in memory or
+    from / into the disk cache; ``sources`` are the files the pixels come from (the cache key)."""
+    shape = (num_images, 3, size, size)
+    if image_storage(int(np.prod(shape)), storage) == "memory":
+        out = torch.empty(shape, dtype=torch.uint8)
+        fill(out)
+        return out
+    file = Path(cache_dir or default_cache_dir()) / "images" / f"{_key(sources, size, resize)}-{size}px.npy"
+    images = read_array(file, shape, np.uint8)
+    if images is not None:
+        logger.info("image cache: reused %d images from %s", num_images, file)
+        return images
+    images = write_array(file, shape, np.uint8, fill)
+    logger.info("image cache: decoded %d images into %s", num_images, file)
+    return images
+
+
 def decoded_images(paths: Sequence[Path], size: int, *, desc: str = "images", progress: bool | None = None,
                    storage: str | None = None, cache_dir: str | Path | None = None, resize: str = "squash") -> Tensor:
     """``load_images(paths, size)``, in memory or from / into the disk cache (see the module docstring)."""
-    shape = (len(paths), 3, size, size)
-    if image_storage(int(np.prod(shape)), storage) == "memory":
-        return load_images(paths, size, desc=desc, progress=progress, resize=resize)
-    file = Path(cache_dir or default_cache_dir()) / "images" / f"{_key(paths, size, resize)}-{size}px.npy"
-    images = read_array(file, shape, np.uint8)
-    if images is not None:
-        logger.info("image cache: reused %d images from %s", len(paths), file)
-        return images
-    images = write_array(file, shape, np.uint8,
-                         lambda out: load_images(paths, size, desc=desc, progress=progress, out=out, resize=resize))
-    logger.info("image cache: decoded %d images into %s", len(paths), file)
-    return images
+    return stored_images(len(paths), size, paths, lambda out: load_images(
+        paths, size, desc=desc, progress=progress, out=out, resize=resize), storage=storage, cache_dir=cache_dir,
+        resize=resize)
