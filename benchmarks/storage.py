@@ -65,10 +65,17 @@ def _make_dataset(root: Path, count: int) -> None:
 def _point(root: str, storage: str, size: int) -> dict:
     """One process: load the split, then gather one epoch; the peak RSS of each phase."""
     os.environ["MMFUSE_IMAGE_STORAGE"] = storage
+    import logging
+
     import torch
 
     from mmfuse.data import ImageGroupedBatches, load_split
 
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("mmfuse.data.storage").addHandler(handler)
+    logging.getLogger("mmfuse.data.storage").setLevel(logging.INFO)
     base = _status_kib("VmRSS")
     _reset_peak()
     start = time.perf_counter()
@@ -86,7 +93,8 @@ def _point(root: str, storage: str, size: int) -> dict:
     epoch_s, epoch_peak = time.perf_counter() - start, _status_kib("VmHWM")
     return {"baseline_mb": base / 1024, "load_s": load_s, "load_peak_mb": (load_peak - base) / 1024,
             "epoch_s": epoch_s, "epoch_peak_mb": (epoch_peak - base) / 1024,
-            "epoch_growth_mb": (epoch_peak - epoch_base) / 1024, "checksum": total}
+            "epoch_growth_mb": (epoch_peak - epoch_base) / 1024, "checksum": total,
+            "reused_cache": any("reused" in m for m in messages)}
 
 
 def _child(root: Path, storage: str, size: int, cache: Path) -> dict:
@@ -114,6 +122,7 @@ def run(*, quick: bool) -> dict:
                 if storage == "disk":
                     row["reuse"] = _child(root, storage, p["size"], cache)
                     row["checksums_agree"] = row["reuse"]["checksum"] == first["checksum"]
+                    row["reuse_found_the_cache"] = row["reuse"]["reused_cache"]
                 rows.append(row)
             for f in (cache / "images").glob("*.npy"):  # keep the disk use to one dataset at a time
                 f.unlink()
@@ -125,6 +134,7 @@ def run(*, quick: bool) -> dict:
         "same_pixels_from_disk_and_memory": all(memory.get(r["images"], r["first"]["checksum"])
                                                 == r["first"]["checksum"] for r in disk),
         "reuse_reads_the_same_pixels": all(r["checksums_agree"] for r in disk),
+        "reuse_finds_the_cache": all(r["reuse_found_the_cache"] for r in disk),
     }
     return {"config": p, "rows": rows, "checks": checks}
 
