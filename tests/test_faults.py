@@ -38,8 +38,10 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 TINY_MODEL = {"cnn_stages": [[8], [16]], "dim": 32, "text_dim": 32, "num_heads": 2, "text_heads": 2,
               "image_size": 32}
 # 32 training images, 8 steps an epoch: 16 epochs last several seconds, so the kills land mid-run.
+# An explicit precision: with auto, the reference and the killed run would each time fp32 against bf16 on a
+# CPU with native bf16, and could choose differently.
 TRAIN_ARGS = ["--epochs", "16", "--checkpoint-every", "2", "--threads", "1", "--no-progress", "--seed", "0",
-              "--image-size", "32", "--dim", "32", "--num-heads", "2", "--images-per-batch", "4"]
+              "--image-size", "32", "--dim", "32", "--num-heads", "2", "--images-per-batch", "4", "--precision", "fp32"]
 VOLATILE = ("seconds", "questions_per_second")  # wall-clock figures, different in every run
 SIGKILL = -signal.SIGKILL
 

@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     p.add_argument("--out", help="run directory (default: runs/<fusion>-seed<seed>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run with its own settings")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out (default: refuse)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: continue although the dataset changed since the run was checkpointed")
     p.add_argument("--report", action="store_true", help="write RUN_DIR/report.md after training")
     p.add_argument("--json", action="store_true", help="print the last epoch's metrics as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -314,7 +317,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             if conflicts:
                 raise UsageError(f"--resume continues a run with its own settings; drop {', '.join(conflicts)}")
             overrides = {k: getattr(args, k) for k in ("threads", "compile") if getattr(args, k) is not None}
-            result = resume(args.resume, device=args.device, progress=progress, **overrides)
+            result = resume(args.resume, device=args.device, progress=progress,
+                            allow_data_change=args.allow_data_change, **overrides)
             out = Path(args.resume)
         else:
             options = _train_options(args)
@@ -322,7 +326,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             model = _model_options(args, task)
             out = Path(args.out or _default_out(task, model, options.get("seed", 0)))
             cfg = TrainConfig(data=args.data, out=str(out), progress=progress, model=model, **options)
-            result = Trainer(cfg).fit()
+            result = Trainer(cfg, overwrite=args.overwrite).fit()
     if rank != 0:
         return 0
     if args.json:
@@ -476,13 +480,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    from mmfuse.train import TrainingDiverged
+
     try:
         return COMMANDS[args.command](args)
-    # DataError and CheckpointError are ValueErrors, as are settings rejected by a config's checks.
-    except (UsageError, FileNotFoundError, ValueError) as e:
-        parser.exit(2, f"mmfuse: error: {e}\n")
+    # DataError, CheckpointError and RunDirError are ValueErrors, as are settings a config's checks reject;
+    # OSError: a path that is a folder, a full disk (WriteError names the file), a permission.
+    except (UsageError, ValueError, OSError, TrainingDiverged) as e:
+        parser.exit(2, f"mmfuse: error: {_one_line(e)}\n")
+    except RecursionError:
+        parser.exit(2, "mmfuse: error: an input file nests too deeply to read (JSON nested thousands of levels?)\n")
     except KeyboardInterrupt:
         parser.exit(130, "mmfuse: interrupted\n")
+    except Exception as e:
+        # Not the user's doing: one line saying so first, then the traceback for the bug report.
+        print(f"mmfuse: internal error: {type(e).__name__}: {_one_line(e)} (a bug in mmfuse; the traceback "
+              "follows)", file=sys.stderr)
+        raise
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return text or type(e).__name__
 
 
 if __name__ == "__main__":

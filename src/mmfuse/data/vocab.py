@@ -110,7 +110,10 @@ class WordTokenizer:
     def from_dict(cls, d: dict[str, Any]) -> WordTokenizer:
         if d.get("type") != "word":
             raise ValueError(f"not a WordTokenizer dict (type={d.get('type')!r})")
-        return cls(d["vocab"])
+        vocab = d.get("vocab")
+        if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
+            raise ValueError(f"a WordTokenizer's 'vocab' must be a list of strings, got {type(vocab).__name__}")
+        return cls(vocab)
 
 
 class AnswerVocab:
@@ -174,4 +177,9 @@ def load_vocab(path: str | Path) -> tuple[dict[str, Any], list[str]]:
         raise ValueError(f"{path}: cannot read vocabulary ({e})") from e
     if not isinstance(d, dict) or d.get("format") != _VOCAB_FORMAT:
         raise ValueError(f"{path}: not an mmfuse vocab.json (format {_VOCAB_FORMAT})")
-    return d["tokenizer"], list(d["answers"])
+    tokenizer, answers = d.get("tokenizer"), d.get("answers")
+    if not isinstance(tokenizer, dict):
+        raise ValueError(f"{path}: 'tokenizer' must be a JSON object, got {type(tokenizer).__name__}")
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"{path}: 'answers' must be a non-empty list of strings, got {type(answers).__name__}")
+    return tokenizer, answers

@@ -20,6 +20,8 @@ is then skipped. ``vision="hf:PATH"`` is a local Hugging Face vision model
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,7 @@ from mmfuse.encoders.text import TransformerTextEncoder
 from mmfuse.encoders.vgg import VGG
 from mmfuse.encoders.vision import ConvEncoder
 from mmfuse.fusion import FusionOutput
-from mmfuse.io import CheckpointError, dataclass_from_dict
+from mmfuse.io import CheckpointError, check_bounds, dataclass_from_dict
 from mmfuse.layers import AttentionPooling
 from mmfuse.layers.common import gather_rows
 from mmfuse.models.base import PretrainedModel
@@ -50,6 +52,13 @@ def normalize_images(images: Tensor) -> Tensor:
     if images.dtype == torch.uint8:
         return images.float().mul_(1.0 / 63.75).sub_(2.0)  # (x / 255 - 0.5) / 0.25
     return images
+
+
+# Each size's plausible range: far beyond what the model needs, short of sizes that allocate for minutes.
+_BOUNDS = {"num_answers": (1, 1_000_000), "vocab_size": (0, 10_000_000), "image_size": (8, 2048),
+           "vgg_width": (1 / 64, 4), "pool_queries": (0, 4096), "text_dim": (1, 8192), "text_depth": (1, 64),
+           "text_heads": (1, 256), "max_length": (1, 8192), "dim": (1, 8192), "num_heads": (1, 256), "depth": (1, 64),
+           "dropout": (0, 0.99), "head_hidden": (0, 65536), "feature_dim": (0, 65536)}
 
 
 @dataclass
@@ -110,6 +119,15 @@ class VQAConfig:
             raise ValueError(f"text_pooling must be 'none', 'cls' or 'mean', got {self.text_pooling!r}")
         if self.text == "transformer" and self.vocab_size < 3:
             raise ValueError("a transformer text encoder needs vocab_size (the word tokenizer's size)")
+        check_bounds(self, _BOUNDS)
+
+        def channels(stage: object) -> bool:
+            return isinstance(stage, list) and bool(stage) and all(
+                isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 4096 for c in stage)
+
+        if not isinstance(self.cnn_stages, list) or not self.cnn_stages or not all(map(channels, self.cnn_stages)):
+            raise ValueError(f"cnn_stages must be a non-empty list of non-empty lists of channel counts in "
+                             f"[1, 4096], got {self.cnn_stages!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -249,10 +267,17 @@ class VQAModel(PretrainedModel):
         return self(images, ids, mask, image_index).softmax(dim=-1)
 
     # ----------------------------------------------------------------------------------------------
-    def save_extra(self, directory: Path) -> None:
+    def _tokenizer_dict(self) -> dict[str, Any]:
         tokenizer = getattr(self.text, "tokenizer", None)
-        tokenizer_dict = tokenizer.to_dict() if isinstance(tokenizer, WordTokenizer) else {"type": "hf"}
-        save_vocab(directory / VOCAB_NAME, tokenizer_dict, self.answers)
+        return tokenizer.to_dict() if isinstance(tokenizer, WordTokenizer) else {"type": "hf"}
+
+    def save_extra(self, directory: Path) -> None:
+        save_vocab(directory / VOCAB_NAME, self._tokenizer_dict(), self.answers)
+
+    def checkpoint_metadata(self) -> dict[str, str]:
+        # The answer head's class i is answers[i]: a reordered vocab.json would silently swap answers.
+        text = json.dumps([self._tokenizer_dict(), self.answers.names], sort_keys=True)
+        return {"vocab_sha256": hashlib.sha256(text.encode()).hexdigest()}
 
     @classmethod
     def from_config(cls, config: VQAConfig, directory: Path | None = None) -> VQAModel:
