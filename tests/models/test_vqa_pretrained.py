@@ -128,3 +128,9 @@ def test_precomputed_image_tokens():
         model(torch.randn(2, 5, 7), ids, mask, torch.tensor([0, 1, 1]))
     with pytest.raises(ValueError, match="needs feature_dim"):
         VQAConfig(num_answers=3, vocab_size=len(tokenizer), vision="features")
+
+
+def test_attention_maps_say_why_they_are_unavailable(vit_dir):
+    from mmfuse.report import attention_unavailable
+
+    assert "not laid out on a known grid" in attention_unavailable(hf_model(vit_dir))
