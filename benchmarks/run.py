@@ -30,6 +30,7 @@ BENCHMARKS = {
     "memory": "benchmarks.memory",
     "storage": "benchmarks.storage",
     "training": "benchmarks.training",
+    "serve": "benchmarks.serve",
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

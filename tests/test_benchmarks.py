@@ -12,6 +12,7 @@ EXPECTED_KEYS = {
     "memory": {"config", "rows"},
     "storage": {"config", "rows"},
     "training": {"rows", "time_to_target", "native_bf16"},
+    "serve": {"rows", "speedup_at_32", "threads"},
 }
 
 
@@ -38,6 +39,10 @@ def test_quick_benchmark_runs_and_its_checks_pass(name, tmp_path, capsys):
         assert row["fwd_err"] < 1e-4 and row["grad_err"] < 1e-4
     if name == "memory":
         assert all(r["peak_delta_bytes"] >= 0 for r in result["rows"])
+    if name == "serve":
+        assert {(r["model"], r["setting"], r["concurrency"]) for r in result["rows"]} == {
+            (m, s, c) for m in ("default",) for s in ("batching", "no batching") for c in (1, 8, 32)}
+        assert all(r["requests_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in result["rows"])
     if name == "training":
         assert all(r["train_questions_per_s"] > 0 and r["inference_questions_per_s"] > 0 for r in result["rows"])
         assert 0.0 <= result["time_to_target"]["final_test_accuracy"] <= 1.0

@@ -52,9 +52,10 @@ def test_computed_once_then_reused(tiny, vit_dir, tmp_path, caplog):
     files = list((tmp_path / "features").glob("*.npy"))
     assert len(files) == 1
 
+    fresh = Counting(vit_dir)
     Counting.calls = 0
     with caplog.at_level(logging.INFO, logger="mmfuse.data.feature_cache"):
-        again = cached_image_tokens(Counting(vit_dir), split, cache_dir=tmp_path)
+        again = cached_image_tokens(fresh, split, cache_dir=tmp_path)
     assert Counting.calls == 0, "a reused cache runs no backbone"
     assert f"feature cache: reused {len(split.images)} images from {files[0]}" in caplog.text
     assert torch.equal(again.images, expected)

@@ -33,7 +33,7 @@ def test_tokens_of_each_family(tmp_path, build, tokens, dim):
     enc = HFVisionEncoder(folder)
     size = image_size(folder)
     out = enc(images(2, size))
-    assert out.shape[0] == 2 and out.shape[2] == dim == enc.out_dim
+    assert out.shape[0] == 2 and out.shape[2] == dim == enc.out_dim and out.shape[1] == enc.num_tokens
     if tokens is not None:
         assert out.shape[1] == tokens
     else:  # the feature map's positions, row-major

@@ -149,6 +149,10 @@ class HFVisionEncoder(nn.Module):
         self.out_dim: int = int(sizes[-1] if sizes else hidden)
         if freeze:
             freeze_backbone(self, folder)
+        # N, the tokens an image gives (class and register tokens included): one probe of a blank image.
+        h, w = self.preprocess.resize
+        with torch.no_grad():
+            self.num_tokens: int = int(self(torch.zeros(1, 3, h, w, dtype=torch.uint8)).shape[1])
 
     def train(self, mode: bool = True) -> HFVisionEncoder:
         super().train(mode)

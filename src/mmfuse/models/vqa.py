@@ -31,8 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from mmfuse import fusion as fusion_registry
-from mmfuse.data.vocab import AnswerVocab, WordTokenizer, load_vocab, save_vocab
+from mmfuse.attention import AttentionConfig
+from mmfuse.data.vocab import AnswerVocab, load_vocab, save_vocab
 from mmfuse.encoders.text import TransformerTextEncoder
+from mmfuse.encoders.tokenizer import WordTokenizer
 from mmfuse.encoders.vgg import VGG
 from mmfuse.encoders.vision import ConvEncoder
 from mmfuse.fusion import FusionOutput
@@ -93,6 +95,13 @@ class VQAConfig:
     depth: int = 2
     dropout: float = 0.0  # easy-VQA needs none; dropout also costs ~15% of a CPU step
     impl: str = "auto"  # at VQA's short sequences (~11 question tokens, 64 image tokens) auto runs math on CPU
+    # options of impl (mmfuse.attention.AttentionConfig; None = the implementation's default). lowrank's
+    # max_len is not among them: each layer's comes from the sequences it attends over.
+    window: int | None = None  # local
+    num_global: int | None = None  # local
+    block_q: int | None = None  # chunked, local
+    block_k: int | None = None  # chunked, local
+    rank: int | None = None  # lowrank
     head_hidden: int = 0  # > 0: an MLP answer head with this many hidden units
     fusion_options: dict[str, Any] = field(default_factory=dict)
 
@@ -119,6 +128,7 @@ class VQAConfig:
             raise ValueError(f"text_pooling must be 'none', 'cls' or 'mean', got {self.text_pooling!r}")
         if self.text == "transformer" and self.vocab_size < 3:
             raise ValueError("a transformer text encoder needs vocab_size (the word tokenizer's size)")
+        self.attention  # noqa: B018 - raises for options impl does not take, or a missing window / rank
         check_bounds(self, _BOUNDS)
 
         def channels(stage: object) -> bool:
@@ -128,6 +138,12 @@ class VQAConfig:
         if not isinstance(self.cnn_stages, list) or not self.cnn_stages or not all(map(channels, self.cnn_stages)):
             raise ValueError(f"cnn_stages must be a non-empty list of non-empty lists of channel counts in "
                              f"[1, 4096], got {self.cnn_stages!r}")
+
+    @property
+    def attention(self) -> AttentionConfig:
+        """``impl`` and its options as the configuration every attention layer of the model gets."""
+        return AttentionConfig(self.impl, window=self.window, num_global=self.num_global, block_q=self.block_q,
+                               block_k=self.block_k, rank=self.rank)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -174,8 +190,19 @@ class VQAModel(PretrainedModel):
             self.vision = HFVisionEncoder(c.vision[3:], freeze=not c.vision_finetune)
         #: the width D of the image tokens the fusion receives
         self.vision_dim: int = c.feature_dim if self.vision is None else self.vision.out_dim
+        attention = c.attention
+        # How many image tokens there are (lowrank attention sizes its projections by it): a CNN's grid, an
+        # hf: backbone's count; unknown for precomputed features.
+        if self.vision is None:
+            grid_tokens: int | None = None
+        elif hasattr(self.vision, "grid"):
+            h, w = self.vision.grid(c.image_size)
+            grid_tokens = h * w
+        else:
+            grid_tokens = self.vision.num_tokens
         self.pool = (AttentionPooling(self.vision_dim, num_queries=c.pool_queries, num_heads=c.num_heads,
-                                      impl=c.impl) if c.pool_queries > 0 else None)
+                                      impl=attention, max_tokens=grid_tokens) if c.pool_queries > 0 else None)
+        image_tokens = c.pool_queries or grid_tokens  # what the fusion sees of an image
 
         if c.text == "transformer":
             if tokenizer is None:
@@ -184,7 +211,7 @@ class VQAModel(PretrainedModel):
                 raise ValueError(f"config.vocab_size={c.vocab_size} but the tokenizer has {len(tokenizer)} words")
             self.text: nn.Module = TransformerTextEncoder(
                 tokenizer, dim=c.text_dim, depth=c.text_depth, num_heads=c.text_heads,
-                max_length=c.max_length, dropout=c.dropout, impl=c.impl)
+                max_length=c.max_length, dropout=c.dropout, impl=attention)
         else:
             from mmfuse.encoders.hf import HFTextEncoder
 
@@ -193,7 +220,8 @@ class VQAModel(PretrainedModel):
 
         self.fusion = fusion_registry.create(
             c.fusion, image_dim=self.vision_dim, text_dim=self.text.out_dim, dim=c.dim,
-            num_heads=c.num_heads, depth=c.depth, dropout=c.dropout, impl=c.impl, **c.fusion_options)
+            num_heads=c.num_heads, depth=c.depth, dropout=c.dropout, impl=attention,
+            max_image_tokens=image_tokens, max_text_tokens=c.max_length, **c.fusion_options)
         d = self.fusion.out_dim
         # A hidden layer lets the head combine features the pooling put side by side (e.g. "not" and
         # "a red shape is present" for a negated question), which a linear head cannot.
