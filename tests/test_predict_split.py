@@ -62,4 +62,4 @@ def test_predict_needs_its_inputs(run, capsys):
         with pytest.raises(SystemExit) as info:
             main(["predict", "--checkpoint", str(out), *args])
         assert info.value.code == 2
-    assert "needs --image and --question" in capsys.readouterr().err
+    assert "is a VQA model: pass --image and --question" in capsys.readouterr().err
