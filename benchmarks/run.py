@@ -26,7 +26,9 @@ from benchmarks.common import environment
 
 BENCHMARKS = {
     "attention": "benchmarks.attention",
+    "features": "benchmarks.features",
     "memory": "benchmarks.memory",
+    "storage": "benchmarks.storage",
     "training": "benchmarks.training",
     "threads": "benchmarks.threads",
     "serve": "benchmarks.serve",

@@ -80,19 +80,24 @@ def _add_device(p: argparse.ArgumentParser, *, precision: bool = True) -> None:
 
 def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="easy-vqa",
-                   help="'easy-vqa' (built in) or a directory with train.jsonl and test.jsonl (default: easy-vqa)")
+                   help="'easy-vqa' (built in) or a directory with train/test .jsonl or .parquet (default: easy-vqa)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     d = _vqa_default
     g = p.add_argument_group("model")
     g.add_argument("--fusion", choices=fusion_registry.available(), help=f"fusion by name {d('fusion')}")
-    g.add_argument("--vision", choices=["cnn", "vgg11", "vgg16"], help=f"vision encoder {d('vision')}")
+    g.add_argument("--vision", type=_encoder_choice("cnn", "vgg11", "vgg16"), metavar="{cnn,vgg11,vgg16,hf:PATH}",
+                   help=f"vision encoder; hf:PATH a local Hugging Face vision model, frozen {d('vision')}")
+    g.add_argument("--vision-finetune", action="store_true", default=None,
+                   help="train the hf:PATH vision model too (default: frozen)")
     g.add_argument("--vgg-width", type=float, help=f"channel multiplier of VGG, 1.0 = the original {d('vgg_width')}")
     g.add_argument("--pool-queries", type=int,
                    help=f"pool the image tokens to this many latents first, 0: off {d('pool_queries')}")
-    g.add_argument("--text", choices=["transformer", "hf"],
-                   help=f"own small transformer, or a Hugging Face model {d('text')}")
+    g.add_argument("--text", type=_encoder_choice("transformer", "hf"), metavar="{transformer,hf,hf:PATH}",
+                   help=f"own small transformer, the bundled MiniLM (hf), or a local Hugging Face model {d('text')}")
+    g.add_argument("--text-pooling", choices=["none", "cls", "mean"],
+                   help=f"a Hugging Face text model's tokens, or one pooled token {d('text_pooling')}")
     g.add_argument("--hf-path", help="folder of a Hugging Face model (default with --text hf: the bundled MiniLM)")
     g.add_argument("--hf-finetune", action="store_true", help="train the Hugging Face encoder too (default: frozen)")
     g.add_argument("--dim", type=int, help=f"fusion width {d('dim')}")
@@ -108,6 +113,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=int, help=f"images are resized to this square size {d('image_size')}")
     g.add_argument("--fusion-options", type=_json_object, metavar="JSON",
                    help='extra arguments of the fusion, e.g. \'{"image_depth": 0}\' (replaces a preset\'s)')
+    g.add_argument("--resize", choices=["squash", "pad", "crop"],
+                   help=f"non-square images: stretch, letterbox on black, or centre-crop {d('resize')}")
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -118,6 +125,17 @@ def _json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def _encoder_choice(*names: str) -> Any:
+    """An argparse type accepting ``names`` or ``hf:PATH``."""
+
+    def parse(value: str) -> str:
+        if value in names or (value.startswith("hf:") and len(value) > 3):
+            return value
+        raise argparse.ArgumentTypeError(f"invalid choice {value!r} (choose from {', '.join(names)}, hf:PATH)")
+
+    return parse
 
 
 def _classify_default(name: str) -> str:
@@ -179,10 +197,11 @@ def _model_options(args: argparse.Namespace, task: str = "vqa") -> dict[str, Any
     options = {name: getattr(args, name) for name in own if getattr(args, name, None) is not None}
     if getattr(args, "hf_finetune", False):
         options["hf_freeze"] = False
-    if options.get("text") == "hf" and "hf_path" not in options:
-        from mmfuse.encoders.hf import default_hf_model_path
+    vision = str(options.get("vision", ""))
+    if vision.startswith("hf:") and "image_size" not in options:  # decode images at the model's own size
+        from mmfuse.encoders.hf_vision import image_size
 
-        options["hf_path"] = str(default_hf_model_path())
+        options["image_size"] = image_size(vision[3:])
     return options
 
 
@@ -273,12 +292,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     p.add_argument("--bf16", action="store_const", const="bf16", dest="precision", help="the same as --precision bf16")
 
-    p = sub.add_parser("predict", help="answer one question about one image, or classify one image")
+    p = sub.add_parser("predict", help="answer one question about one image, classify one image, or answer every "
+                       "line of a split")
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a run directory (or saved model)")
-    p.add_argument("--image", required=True, metavar="PATH", help="an image file")
+    p.add_argument("--image", metavar="PATH", help="an image file")
     p.add_argument("--question", metavar="TEXT", help="the question (VQA models)")
     p.add_argument("--context", metavar="TEXT", help="the text context (classifiers that read one)")
     p.add_argument("--context-image", metavar="PATH", help="the context image (classifiers that read one)")
+    p.add_argument("--data", metavar="DIR", help="VQA models, instead of --image/--question: a dataset directory, "
+                   "every line of --split answered (lines need no 'answer') into --predictions")
+    p.add_argument("--split", default="test", metavar="NAME", help="the split of --data: NAME.jsonl or NAME.parquet")
+    p.add_argument("--predictions", metavar="OUT.jsonl", help="with --data: one JSON line per question")
     p.add_argument("--attention-map", metavar="OUT.png", help="write the attention over the image")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_device(p)
@@ -476,14 +500,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mmfuse.models.classifier import ImageClassifier
 
     if isinstance(model, ImageClassifier):
+        if args.image is None:
+            raise UsageError(f"{args.checkpoint} is an image classifier: pass --image")
         return _predict_class(model, args)
-    if args.question is None:
-        raise UsageError(f"{args.checkpoint} is a VQA model: pass --question")
     if not isinstance(model, VQAModel):
         raise UsageError(f"{args.checkpoint}: predict answers questions with a VQA model, this is a "
                          f"{model.model_type} model")
     device = next(model.parameters()).device
-    image = load_image(args.image, model.config.image_size)  # (3, S, S) uint8
+    if args.data:
+        return _predict_split(model, args)
+    if not (args.image and args.question):
+        raise UsageError(f"{args.checkpoint} is a VQA model: pass --image and --question, or --data and "
+                         "--predictions")
+    image = load_image(args.image, model.config.image_size, resize=model.config.resize)  # (3, S, S) uint8
     probs = model.answer(image[None].to(device), [args.question])[0].cpu()
     top = probs.topk(min(5, len(probs)))
     names = model.answers.names
@@ -500,6 +529,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"  {p:6.1%}  {name}")
     if args.attention_map:
         print(f"attention map: {args.attention_map}")
+    return 0
+
+
+def _predict_split(model: Any, args: argparse.Namespace) -> int:
+    from mmfuse import tasks
+    from mmfuse.data import load_split
+    from mmfuse.device import resolve_precision
+    from mmfuse.evaluate import unknown_words, write_answers
+
+    if not args.predictions:
+        raise UsageError("predict --data needs --predictions OUT.jsonl")
+    task = tasks.for_model(model)
+    split = load_split(args.data, args.split, image_size=model.config.image_size, require_answers=False,
+                       resize=model.config.resize)
+    unknown = unknown_words(model, split.questions)
+    if unknown:
+        log.warning("%d question words were never seen in training and are read as unknown: %s%s", len(unknown),
+                    ", ".join(repr(w) for w in unknown[:10]), " ..." if len(unknown) > 10 else "")
+    device = next(model.parameters()).device
+    result = task.evaluate(model, split, device=device, precision=resolve_precision(args.precision, device))
+    write_answers(result, args.predictions)
+    print(f"wrote {len(split)} predictions to {args.predictions}")
     return 0
 
 

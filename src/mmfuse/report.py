@@ -82,6 +82,8 @@ def attention_unavailable(model: VQAModel) -> str | None:
     if c.impl not in ("auto", "math"):
         return (f"the model uses impl={c.impl!r}, which computes no attention weights; attention maps need a "
                 "model trained with impl 'auto' or 'math'")
+    if not hasattr(model.vision, "grid"):  # hf: backbones (class tokens), precomputed features
+        return f"the image tokens of vision {c.vision!r} are not laid out on a known grid, so there is no map to draw"
     if c.pool_queries > 0:
         return (f"the image tokens are {c.pool_queries} pooled latents (pool_queries={c.pool_queries}), not "
                 "image positions, so there is no map to draw; use a model with pool_queries=0")
