@@ -14,6 +14,10 @@ Shared contexts: with ``context_index`` (B,) the context holds one entry per *im
 query row b attends over ``context[context_index[b]]``. Keys and values are then projected once per
 image and gathered afterwards: in VQA about ten questions share an image, so this saves most of the
 projection work of training.
+
+Decoding: ``causal=True`` masks future tokens (self-attention of a decoder), and a
+:class:`~mmfuse.attention.KVCache` keeps the keys and values of the tokens already decoded, so each step
+feeds only the new tokens; a static cache holds a cross-attention's projected context.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mmfuse.attention import Attention
+from mmfuse.attention import Attention, KVCache
 from mmfuse.layers.common import FeedForward, check_context_index, check_mask, check_tokens, gather_rows, init_linear
 
 __all__ = ["AttentionBlock", "CrossAttention", "apply_blocks"]
@@ -64,22 +68,31 @@ class CrossAttention(nn.Module):
             init_linear(proj)
 
     def forward(self, x: Tensor, context: Tensor, *, context_mask: Tensor | None = None,
-                context_index: Tensor | None = None, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+                context_index: Tensor | None = None, need_weights: bool = False, causal: bool = False,
+                cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
         check_tokens(x, self.query_dim, "x", seq="Nq")
         B, Nq, _ = x.shape
         check_tokens(context, self.context_dim, "context", batch=None if context_index is not None else B, seq="Nk")
         check_mask(context_mask, context, "context_mask")
+        if cache is not None and not cache.static and context_mask is not None:
+            raise ValueError("a growing KVCache takes no context_mask (it would have to cover the cached keys)")
         I, Nk, _ = context.shape
         H, Dh = self.num_heads, self.head_dim
 
         q = self.q_proj(x).view(B, Nq, H, Dh).transpose(1, 2)  # (B, H, Nq, Dh)
-        k = self.k_proj(context).view(I, Nk, H, Dh).transpose(1, 2)  # (I, H, Nk, Dh)
-        v = self.v_proj(context).view(I, Nk, H, Dh).transpose(1, 2)  # (I, H, Nk, Dh)
-        if context_index is not None:
-            check_context_index(context_index, B, I)
-            k, v = gather_rows(k, context_index), gather_rows(v, context_index)  # (B, H, Nk, Dh)
-            context_mask = None if context_mask is None else context_mask[context_index]  # (B, Nk)
-        out, weights = self.attn(q, k, v, key_padding_mask=context_mask, need_weights=need_weights)
+        if cache is not None and cache.full:
+            k, v = cache.k, cache.v  # the context was projected at the first step
+        else:
+            k = self.k_proj(context).view(I, Nk, H, Dh).transpose(1, 2)  # (I, H, Nk, Dh)
+            v = self.v_proj(context).view(I, Nk, H, Dh).transpose(1, 2)  # (I, H, Nk, Dh)
+            if context_index is not None:
+                check_context_index(context_index, B, I)
+                k, v = gather_rows(k, context_index), gather_rows(v, context_index)  # (B, H, Nk, Dh)
+            if cache is not None:
+                k, v = cache.update(k, v)  # (B, H, N cached + Nk, Dh)
+        if context_index is not None and context_mask is not None:
+            context_mask = context_mask[context_index]  # (B, Nk)
+        out, weights = self.attn(q, k, v, key_padding_mask=context_mask, need_weights=need_weights, causal=causal)
         out = self.out_proj(out.transpose(1, 2).reshape(B, Nq, self.dim))  # (B, Nq, out_dim)
         if context_mask is not None:
             out = out.masked_fill(~context_mask.any(dim=1)[:, None, None], 0.0)
@@ -101,7 +114,9 @@ class AttentionBlock(nn.Module):
     ``forward(x, context=None, *, mask=None, context_mask=None, context_index=None, need_weights=False)``
     returns
     ``(x, weights)``: ``mask`` is the key-padding mask of ``x`` (for self-attention), and ``weights``
-    are those of the cross-attention when there is one, else of the self-attention.
+    are those of the cross-attention when there is one, else of the self-attention. A decoder passes
+    ``causal=True`` and, when decoding step by step, a ``self_cache`` and a static ``cross_cache``
+    (:class:`~mmfuse.attention.KVCache`).
     """
 
     def __init__(self, dim: int, *, context_dim: int | None = None, self_attention: bool = True,
@@ -139,7 +154,8 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, *, mask: Tensor | None = None,
                 context_mask: Tensor | None = None, context_index: Tensor | None = None,
-                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+                need_weights: bool = False, causal: bool = False, self_cache: KVCache | None = None,
+                cross_cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
         check_tokens(x, self.dim, "x")
         check_mask(mask, x, "mask")
         if (context is None) != (self.cross_attn is None):
@@ -147,14 +163,14 @@ class AttentionBlock(nn.Module):
         weights = None
         if self.self_attn is not None:
             h = self.norm_self(x)
-            h, weights = self.self_attn(h, h, context_mask=mask,
+            h, weights = self.self_attn(h, h, context_mask=mask, causal=causal, cache=self_cache,
                                         need_weights=need_weights and self.cross_attn is None)
             x = self._add(x, self.drop(h), self.gate_self)
         if self.cross_attn is not None:
             check_tokens(context, self.context_dim, "context",
                          batch=None if context_index is not None else x.shape[0], seq="Nk")
             h, weights = self.cross_attn(self.norm_cross(x), self.norm_context(context), context_mask=context_mask,
-                                         context_index=context_index, need_weights=need_weights)
+                                         context_index=context_index, need_weights=need_weights, cache=cross_cache)
             x = self._add(x, self.drop(h), self.gate_cross)
         x = self._add(x, self.ff(self.norm_ff(x)), self.gate_ff)
         return x, weights
