@@ -207,16 +207,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--predictions", metavar="FILE.jsonl", help="write one JSON line per question")
     p.add_argument("--confusion", metavar="FILE.png", help="write the confusion matrix")
+    p.add_argument("--num-beams", type=int, help="captioner: beam search with this many beams (default: the "
+                                                  "model's own decoding)")
     _add_device(p)
     p.add_argument("--bf16", action="store_const", const="bf16", dest="precision", help="the same as --precision bf16")
 
-    p = sub.add_parser("predict", help="answer one question about one image")
+    p = sub.add_parser("predict", help="answer one question about one image, or caption it")
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a run directory (or saved model)")
     p.add_argument("--image", required=True, metavar="PATH", help="an image file")
-    p.add_argument("--question", required=True, metavar="TEXT", help="the question")
+    p.add_argument("--question", metavar="TEXT", help="the question (VQA and vqa-generate models)")
     p.add_argument("--attention-map", metavar="OUT.png", help="write the attention over the image")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_device(p)
+    g = p.add_argument_group("generation (captioner models)")
+    g.add_argument("--strategy", choices=["greedy", "beam", "sample"], help="decoding (default: the model's own)")
+    g.add_argument("--num-beams", type=int, help="beams of beam search (default: the model's own)")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="beam search: GNMT length penalty exponent")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--top-k", type=int, default=0, help="sampling: only the k most likely tokens, 0: all")
+    g.add_argument("--top-p", type=float, default=1.0, help="sampling: only the nucleus of this mass")
+    g.add_argument("--max-new-tokens", type=int, help="at most this many tokens (default: the model's max_length - 1)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
 
     p = sub.add_parser("ablate", help="train several fusions with the same budget and tabulate them")
     _add_data(p)
@@ -228,13 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
 
     p = sub.add_parser("make-dataset", help="write a synthetic dataset as a JSONL directory")
-    p.add_argument("kind", choices=["relational"],
-                   help="relational: several shapes per image, questions about their spatial relations")
+    p.add_argument("kind", choices=["relational", "captions"],
+                   help="relational: several shapes per image, questions about their spatial relations; "
+                        "captions: 2-4 shapes per image described left to right")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write")
-    p.add_argument("--train-images", type=int, default=4000, help="training images")
+    p.add_argument("--train-images", type=int, help="training images (default: relational 4000, captions 8000)")
     p.add_argument("--test-images", type=int, default=1000, help="test images")
-    p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
-    p.add_argument("--objects", type=int, default=4, help="objects per image")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels (relational)")
+    p.add_argument("--objects", type=int, default=4, help="objects per image (captions: at most)")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
 
     p = sub.add_parser("robustness", help="accuracy under image and text perturbations")
@@ -297,6 +309,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             options = _train_options(args)
             task = options.get("task", "vqa")
             model = _model_options(args, task)
+            from mmfuse import tasks
+
+            # a task may bring its own recipe (e.g. caption); flags given on the command line win
+            options = {**getattr(tasks.create(task), "train_defaults", {}), **options}
             out = Path(args.out or _default_out(task, model, options.get("seed", 0)))
             cfg = TrainConfig(data=args.data, out=str(out), progress=progress, model=model, **options)
             result = Trainer(cfg).fit()
@@ -333,7 +349,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = next(model.parameters()).device
     data = args.data or _run_data(run)
     split = task.load_split(data, args.split, image_size=task.image_size(model))
-    result = task.evaluate(model, split, device=device, precision=resolve_precision(args.precision, device))
+    decoding = {"strategy": "beam", "num_beams": args.num_beams} if args.num_beams else {}
+    result = task.evaluate(model, split, device=device, precision=resolve_precision(args.precision, device),
+                           **decoding)
     summary = result.summary()
     if args.predictions:
         task.write_predictions(result, args.predictions)
@@ -350,6 +368,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 print(f"  {key}:")
                 for name, acc in value.items():
                     print(f"  {name:>20s}  {acc:.4f}")
+            elif task.metric == "exact_match" and key != task.metric and isinstance(value, float):
+                print(f"  {key}: {value:.4f}")  # a caption model's BLEU-4 and CIDEr
     return 0
 
 
@@ -358,6 +378,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mmfuse.models import VQAModel
 
     model = _load_model(Path(args.checkpoint), args.device)
+    if model.model_type in ("captioner", "answer-generator"):
+        return _predict_caption(model, args)
+    if args.question is None:
+        raise UsageError("--question is required with a VQA model")
     if not isinstance(model, VQAModel):
         raise UsageError(f"{args.checkpoint}: predict answers questions with a VQA model, this is a "
                          f"{model.model_type} model")
@@ -382,6 +406,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_caption(model: Any, args: argparse.Namespace) -> int:
+    import torch
+
+    from mmfuse.data import load_image
+
+    device = next(model.parameters()).device
+    image = load_image(args.image, model.config.image_size)  # (3, S, S) uint8
+    options = {k: getattr(args, k) for k in ("strategy", "num_beams", "max_new_tokens") if getattr(args, k)}
+    if options.get("strategy") == "sample":
+        options.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       generator=torch.Generator(device=device).manual_seed(args.seed))
+    options["length_penalty"] = args.length_penalty
+    questions = None if args.question is None else [args.question]
+    texts, out = model.generate(image[None].to(device), questions, need_weights=bool(args.attention_map), **options)
+    if args.attention_map:
+        from mmfuse.caption_figures import plot_word_attention
+
+        plot_word_attention(model, image, out.tokens[0].tolist(), out.attention[0].cpu(), args.attention_map)
+    if args.json:
+        print(json.dumps({"image": args.image, **({"question": args.question} if questions else {}),
+                          "prediction": texts[0]}))
+    else:
+        print(texts[0])
+    if args.attention_map:
+        print(f"attention map: {args.attention_map}")
+    return 0
+
+
 def cmd_ablate(args: argparse.Namespace) -> int:
     from mmfuse.ablate import DEFAULT_FUSIONS, run_ablation
 
@@ -400,9 +452,17 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_make_dataset(args: argparse.Namespace) -> int:
+    if args.kind == "captions":
+        from mmfuse.data.captions import write_caption_dataset
+
+        root = write_caption_dataset(args.out, num_train_images=args.train_images or 8000,
+                                     num_test_images=args.test_images, max_objects=args.objects, seed=args.seed)
+        print(f"wrote {root} (train.jsonl, test.jsonl, images/); train on it with: "
+              f"mmfuse train --task caption --data {root}")
+        return 0
     from mmfuse.data.relational import write_relational_dataset
 
-    root = write_relational_dataset(args.out, num_train_images=args.train_images,
+    root = write_relational_dataset(args.out, num_train_images=args.train_images or 4000,
                                     num_test_images=args.test_images, image_size=args.image_size,
                                     num_objects=args.objects, seed=args.seed)
     print(f"wrote {root} (train.jsonl, test.jsonl, images/); train on it with: mmfuse train --data {root}")

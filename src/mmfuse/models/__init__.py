@@ -2,10 +2,12 @@
 
 from mmfuse.io import CheckpointError
 from mmfuse.models.base import PretrainedModel, model_types
+from mmfuse.models.captioner import Captioner, CaptionerConfig
 from mmfuse.models.vgg import VGGCrossAttention, VGGCrossAttentionConfig
 from mmfuse.models.vqa import VQAConfig, VQAModel
 
 __all__ = [
+    "Captioner", "CaptionerConfig",
     "CheckpointError", "PretrainedModel", "VGGCrossAttention", "VGGCrossAttentionConfig", "VQAConfig", "VQAModel",
     "model_types",
 ]
