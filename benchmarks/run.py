@@ -26,6 +26,7 @@ BENCHMARKS = {
     "attention": "benchmarks.attention",
     "memory": "benchmarks.memory",
     "training": "benchmarks.training",
+    "generation": "benchmarks.generation",
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -10,6 +10,7 @@ EXPECTED_KEYS = {
     "attention": {"shapes", "matmul_gflops", "rows", "targets"},
     "memory": {"config", "rows"},
     "training": {"rows", "time_to_target", "native_bf16"},
+    "generation": {"rows", "quality"},
 }
 
 
@@ -36,6 +37,9 @@ def test_quick_benchmark_runs_and_its_checks_pass(name, tmp_path, capsys):
         assert row["fwd_err"] < 1e-4 and row["grad_err"] < 1e-4
     if name == "memory":
         assert all(r["peak_delta_bytes"] >= 0 for r in result["rows"])
+    if name == "generation":
+        assert all(r["same_tokens"] and r["speedup"] > 1 for r in result["rows"])
+        assert {"exact_match", "bleu4", "cider"} <= set(result["quality"]["held_out"])
     if name == "training":
         assert all(r["train_questions_per_s"] > 0 and r["inference_questions_per_s"] > 0 for r in result["rows"])
         assert 0.0 <= result["time_to_target"]["final_test_accuracy"] <= 1.0

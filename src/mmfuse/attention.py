@@ -377,7 +377,9 @@ class KVCache:
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if self.k is None or self.static:
-            self.k, self.v = k, v
+            # contiguous (B, H, N, D): each step's q k^T then reads the cache in place, where a transposed
+            # projection would be copied whole by every matmul
+            self.k, self.v = k.contiguous(), v.contiguous()
         else:
             self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)  # (B, H, N + n, D)
         return self.k, self.v

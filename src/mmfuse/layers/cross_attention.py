@@ -169,7 +169,9 @@ class AttentionBlock(nn.Module):
         if self.cross_attn is not None:
             check_tokens(context, self.context_dim, "context",
                          batch=None if context_index is not None else x.shape[0], seq="Nk")
-            h, weights = self.cross_attn(self.norm_cross(x), self.norm_context(context), context_mask=context_mask,
+            # a full static cache already holds the projected context: skip its LayerNorm too
+            ctx = context if cross_cache is not None and cross_cache.full else self.norm_context(context)
+            h, weights = self.cross_attn(self.norm_cross(x), ctx, context_mask=context_mask,
                                          context_index=context_index, need_weights=need_weights, cache=cross_cache)
             x = self._add(x, self.drop(h), self.gate_cross)
         x = self._add(x, self.ff(self.norm_ff(x)), self.gate_ff)
