@@ -139,8 +139,8 @@ class CaptionTask(Task):
     metric = "exact_match"
     _model_class: type[Captioner] = Captioner
     #: training settings of the default recipe (``mmfuse train --task caption``), over TrainConfig's own
-    train_defaults: ClassVar[dict[str, Any]] = {"epochs": 8, "images_per_batch": 64, "lr": 2e-3, "warmup_steps": 200,
-                                      "weight_decay": 0.05}
+    train_defaults: ClassVar[dict[str, Any]] = {"epochs": 7, "images_per_batch": 32, "lr": 3e-3,
+                                                  "warmup_steps": 200, "weight_decay": 0.05}
 
     def load_split(self, data: str, split: str, *, image_size: int | None = None,
                    progress: bool | None = None) -> Any:
