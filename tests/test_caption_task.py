@@ -159,3 +159,17 @@ def test_caption_task_defaults_are_its_recipe(monkeypatch, scenes, tmp_path):
         main(["train", "--task", "caption", "--data", str(scenes), "--out", str(tmp_path / "r"), "--epochs", "2"])
     recipe = tasks.create("caption").train_defaults
     assert seen["epochs"] == 2 and seen["lr"] == recipe["lr"] and seen["images_per_batch"] == recipe["images_per_batch"]
+
+
+def test_one_line_errors(run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--task", "caption", "--out", str(tmp_path / "r"), *TINY])
+    assert e.value.code == 2 and "not a caption dataset directory" in capsys.readouterr().err
+    vqa = tmp_path / "vqa"
+    assert main(["train", "--data", str(make_tiny_dataset(tmp_path / "tiny")), "--out", str(vqa), *TINY]) == 0
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--checkpoint", str(vqa), "--num-beams", "2"])
+    assert "generates nothing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["predict", "--checkpoint", str(vqa), "--image", str(tmp_path / "tiny/images/0000.png")])
+    assert "--question is required" in capsys.readouterr().err

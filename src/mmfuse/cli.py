@@ -349,6 +349,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = next(model.parameters()).device
     data = args.data or _run_data(run)
     split = task.load_split(data, args.split, image_size=task.image_size(model))
+    if args.num_beams and model.model_type not in ("captioner", "answer-generator"):
+        raise UsageError(f"--num-beams: {args.checkpoint} holds a {model.model_type} model, which generates nothing")
     decoding = {"strategy": "beam", "num_beams": args.num_beams} if args.num_beams else {}
     result = task.evaluate(model, split, device=device, precision=resolve_precision(args.precision, device),
                            **decoding)

@@ -88,6 +88,9 @@ def load_caption_split(root: str | Path, split: str, *, image_size: int = 64,
                        progress: bool | None = None) -> CaptionSplit:
     """Read ``root/<split>.jsonl`` (format in the module docstring) and decode its images."""
     root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data {str(root)!r} is not a caption dataset directory (one holding train.jsonl and "
+                        "test.jsonl; `mmfuse make-dataset captions --out DIR` writes one)")
     path = split_file(root, split)
     if not path.is_file():
         raise DataError(f"{path}: split file not found (a caption dataset holds train.jsonl and test.jsonl)",
