@@ -1,11 +1,11 @@
 """mmfuse: attention-based fusion of images and text.
 
 Layers (``CrossAttention``, ``AttentionPooling``, ...), the fusion registry (``mmfuse.fusion.create``),
-models (``VQAModel``, ``VGGCrossAttention``), data, training and evaluation.
+models (``VQAModel``, ``VGGCrossAttention``, ``Captioner``), data, training and evaluation.
 """
 
 from mmfuse import fusion
-from mmfuse.attention import IMPLS, Attention, attend
+from mmfuse.attention import IMPLS, Attention, KVCache, attend
 from mmfuse.fusion import FusionOutput
 from mmfuse.layers import (
     AttentionBlock,
@@ -18,7 +18,7 @@ from mmfuse.layers import (
     ModalityTokens,
     masked_mean,
 )
-from mmfuse.models import VGGCrossAttention, VGGCrossAttentionConfig, VQAConfig, VQAModel
+from mmfuse.models import Captioner, CaptionerConfig, VGGCrossAttention, VGGCrossAttentionConfig, VQAConfig, VQAModel
 
 __version__ = "0.1.0"
 
@@ -27,11 +27,14 @@ __all__ = [
     "Attention",
     "AttentionBlock",
     "AttentionPooling",
+    "Captioner",
+    "CaptionerConfig",
     "CrossAttention",
     "FeedForward",
     "FusionOutput",
     "FusionTransformer",
     "GatedCrossAttention",
+    "KVCache",
     "ModalitySelfAttention",
     "ModalityTokens",
     "VGGCrossAttention",
