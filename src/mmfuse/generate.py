@@ -52,6 +52,7 @@ def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
+@torch.no_grad()
 def generate(model: Any, context: Tensor, context_mask: Tensor | None = None, *,
              strategy: Literal["greedy", "beam", "sample"] = "greedy", max_new_tokens: int = 32,
              num_beams: int = 4, length_penalty: float = 1.0, temperature: float = 1.0, top_k: int = 0,
