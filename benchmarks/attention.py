@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from benchmarks import common
 from benchmarks.common import fmt, markdown_table, matmul_gflops, naive_attention, time_interleaved
 from mmfuse.attention import SMALL_SCORES, attend, flops
 from mmfuse.layers import CrossAttention
@@ -73,7 +74,7 @@ def _kernel_cases(shape: dict, dtype_name: str) -> dict[str, Case]:
             lambda q, k, v, m: sdpa(q, k, v, attn_mask=None if m is None else m[:, None, None]), [])
     if shape["Nk"] >= 1024 and dtype_name == "fp32":
         window, rank = 256, 256
-        E, F = (torch.randn(rank, shape["Nk"]) / shape["Nk"] ** 0.5 for _ in range(2))
+        E, F = (torch.randn(rank, shape["Nk"], device=common.DEVICE) / shape["Nk"] ** 0.5 for _ in range(2))
         cases["mmfuse local (window 256, 16 global)"] = (
             lambda q, k, v, m: attend(q, k, v, key_padding_mask=m, impl="local", window=window, num_global=16)[0], [])
         cases["mmfuse lowrank (rank 256)"] = (
@@ -92,7 +93,8 @@ def _layer_cases(shape: dict, dtype: torch.dtype) -> tuple[dict[str, Case], Call
         mha.in_proj_weight.copy_(torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight]))
         mha.in_proj_bias.copy_(torch.cat([layer.q_proj.bias, layer.k_proj.bias, layer.v_proj.bias]))
         mha.out_proj.load_state_dict(layer.out_proj.state_dict())
-    layer, mha = layer.to(dtype).eval(), mha.to(dtype).eval()
+    layer, mha = layer.to(common.DEVICE, dtype).eval(), mha.to(common.DEVICE, dtype).eval()
+    reference.to(common.DEVICE)
 
     def mha_fn(need_weights: bool) -> Callable[..., Tensor]:
         def fn(x: Tensor, ctx: Tensor, m: Tensor | None) -> Tensor:
@@ -169,10 +171,12 @@ def run(*, quick: bool) -> dict:
         B, H, Nq, Nk, D = (shape[key] for key in ("B", "H", "Nq", "Nk", "D"))
         E = H * D
         gen = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(B, H, n, D, generator=gen) for n in (Nq, Nk, Nk))
-        x, ctx = torch.randn(B, Nq, E, generator=gen), torch.randn(B, Nk, E, generator=gen)
-        mask = _mask(B, Nk) if shape["masked"] else None
-        g_kernel, g_layer = torch.randn(B, H, Nq, D, generator=gen), torch.randn(B, Nq, E, generator=gen)
+        dev = common.DEVICE
+        q, k, v = (torch.randn(B, H, n, D, generator=gen).to(dev) for n in (Nq, Nk, Nk))
+        x, ctx = torch.randn(B, Nq, E, generator=gen).to(dev), torch.randn(B, Nk, E, generator=gen).to(dev)
+        mask = _mask(B, Nk).to(dev) if shape["masked"] else None
+        g_kernel = torch.randn(B, H, Nq, D, generator=gen).to(dev)
+        g_layer = torch.randn(B, Nq, E, generator=gen).to(dev)
         ref_kernel = _reference(lambda q, k, v, m: attend(q, k, v, key_padding_mask=m, impl="math")[0],
                                 [q, k, v], mask, g_kernel)
         for dtype_name, dtype in DTYPES.items():

@@ -12,6 +12,9 @@ import torch
 from torch import Tensor
 from torch.utils import benchmark
 
+# Where the benchmarks run: ``python -m benchmarks.run --device cuda`` sets it (see run.py).
+DEVICE = torch.device("cpu")
+
 
 def environment() -> dict:
     """What the numbers depend on; the load average says how busy the machine was."""
@@ -21,9 +24,12 @@ def environment() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()),
-            "capability": torch.backends.cpu.get_cpu_capability()}
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
+           "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()),
+           "capability": torch.backends.cpu.get_cpu_capability(), "device": str(DEVICE)}
+    if DEVICE.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(DEVICE)
+    return env
 
 
 def time_interleaved(calls: dict[str, Callable[[], object]], *, min_run_time: float,
@@ -44,7 +50,7 @@ def time_interleaved(calls: dict[str, Callable[[], object]], *, min_run_time: fl
 
 def matmul_gflops(dtype: torch.dtype, n: int, min_run_time: float) -> float:
     """The machine's own (n x n) @ (n x n) rate in GFLOP/s, the ceiling attention is compared to."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
     seconds = time_interleaved({"matmul": lambda: a @ b}, min_run_time=min_run_time)["matmul"]["median_s"]
     return 2 * n**3 / seconds / 1e9
 

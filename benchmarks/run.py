@@ -3,6 +3,7 @@
     python -m benchmarks.run                      # everything, full size (~10 minutes on 2 cores)
     python -m benchmarks.run --quick              # every benchmark on tiny shapes, in seconds
     python -m benchmarks.run --only attention --threads 2 --out DIR
+    python -m benchmarks.run --only attention --device cuda   # the attention benchmark on a GPU
 
 A benchmark is a module with ``run(*, quick: bool) -> dict`` and ``to_markdown(result) -> str``. The
 dict holds whatever the benchmark measures plus ``checks``: name -> bool for the correctness checks it
@@ -20,12 +21,14 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import common
 from benchmarks.common import environment
 
 BENCHMARKS = {
     "attention": "benchmarks.attention",
     "memory": "benchmarks.memory",
     "training": "benchmarks.training",
+    "serve": "benchmarks.serve",
     "generation": "benchmarks.generation",
 }
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -50,11 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS), metavar="NAME",
                         help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--device", default="cpu", help="where to run: cpu, cuda, cuda:N (attention only)")
     parser.add_argument("--out", type=Path, default=None,
                         help="where the JSON goes (default: benchmarks/results, or results/quick with --quick)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    common.DEVICE = torch.device(args.device)
+    if common.DEVICE.type != "cpu" and set(args.only or BENCHMARKS) != {"attention"}:
+        parser.error("--device other than cpu: only the attention benchmark runs there (--only attention)")
     out_dir = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     failed = []
     for name in args.only or list(BENCHMARKS):
@@ -62,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(BENCHMARKS[name])
         env = result["environment"]
         print(f"## {name}{' (quick)' if args.quick else ''}\n")
-        print(f"torch {env['torch']}, {env['threads']} threads, {env['cpu']}, load average "
+        where = env.get("gpu", f"{env['threads']} threads, {env['cpu']}")
+        print(f"torch {env['torch']}, {where}, load average "
               f"{env['load_average'][0]:.1f} -> {result['load_average_after'][0]:.1f}, {result['seconds']:.0f} s\n")
         print(module.to_markdown(result) + "\n")
         failed += [f"{name}: {check}" for check, ok in result["checks"].items() if not ok]

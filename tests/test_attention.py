@@ -1,10 +1,12 @@
 """The attention core (mmfuse.attention): the auto (fused) and math implementations."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch.testing import assert_close
 
-from mmfuse.attention import Attention, attend
+from mmfuse.attention import Attention, AttentionConfig, attend
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -114,3 +116,50 @@ def test_bad_shapes_and_masks_are_value_errors():
         attend(q, k, v, key_padding_mask=MASK[:, :4])
     with pytest.raises(ValueError, match="bool"):
         attend(q, k, v, key_padding_mask=MASK.float())
+
+
+# --- AttentionConfig -------------------------------------------------------------------------------
+
+
+def test_attention_config_round_trips_through_json_and_keeps_only_set_options():
+    import json
+
+    config = AttentionConfig("local", window=8, num_global=2)
+    assert config.to_dict() == {"impl": "local", "window": 8, "num_global": 2}
+    assert AttentionConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert config.options == {"window": 8, "num_global": 2}
+    with pytest.raises(ValueError, match=r"unknown attention option\(s\) \['windw'\]"):
+        AttentionConfig.from_dict({"impl": "local", "windw": 8})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.window = 4
+
+
+def test_a_name_is_shorthand_for_a_config():
+    assert AttentionConfig.coerce("chunked") == AttentionConfig("chunked")
+    config = AttentionConfig("chunked", block_q=4)
+    assert AttentionConfig.coerce(config) is config
+    with pytest.raises(TypeError, match="name or an AttentionConfig"):
+        AttentionConfig.coerce(3)
+    assert Attention(impl="chunked", block_q=4).config == config == Attention(impl=config).config
+    assert Attention(impl=config, block_k=8).options == {"block_q": 4, "block_k": 8}  # keywords add to it
+
+
+def test_for_keys_sizes_lowrank_only_and_never_overrides_a_given_max_len():
+    lowrank = AttentionConfig("lowrank", rank=4)
+    assert lowrank.for_keys(10).max_len == 10
+    assert lowrank.for_keys(10).for_keys(20).max_len == 10
+    assert AttentionConfig("local", window=3).for_keys(10) == AttentionConfig("local", window=3)
+    assert Attention(impl=lowrank.for_keys(10)).proj_k.shape == (4, 10)
+    assert [AttentionConfig(i).returns_weights for i in ("auto", "math", "chunked")] == [True, True, False]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"impl": "nope"}, "unknown attention impl 'nope'"),
+    ({"impl": "auto", "window": 4}, r"window= applies to impl in \['local'\], not impl='auto'"),
+    ({"impl": "local"}, "needs window="),
+    ({"impl": "lowrank", "max_len": 8}, "needs rank="),
+    ({"impl": "chunked", "block_q": 0}, "block_q must be an int >= 1"),
+])
+def test_attention_config_rejects_what_the_impl_cannot_use(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AttentionConfig(**kwargs)

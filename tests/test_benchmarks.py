@@ -10,6 +10,7 @@ EXPECTED_KEYS = {
     "attention": {"shapes", "matmul_gflops", "rows", "targets"},
     "memory": {"config", "rows"},
     "training": {"rows", "time_to_target", "native_bf16"},
+    "serve": {"rows", "speedup_at_32", "threads"},
     "generation": {"rows", "quality"},
 }
 
@@ -37,6 +38,10 @@ def test_quick_benchmark_runs_and_its_checks_pass(name, tmp_path, capsys):
         assert row["fwd_err"] < 1e-4 and row["grad_err"] < 1e-4
     if name == "memory":
         assert all(r["peak_delta_bytes"] >= 0 for r in result["rows"])
+    if name == "serve":
+        assert {(r["model"], r["setting"], r["concurrency"]) for r in result["rows"]} == {
+            (m, s, c) for m in ("default",) for s in ("batching", "no batching") for c in (1, 8, 32)}
+        assert all(r["requests_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in result["rows"])
     if name == "generation":
         assert all(r["same_tokens"] and r["speedup"] > 1 for r in result["rows"])
         assert {"exact_match", "bleu4", "cider"} <= set(result["quality"]["held_out"])

@@ -91,7 +91,7 @@ def test_ablate_writes_the_table(tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["train", "--epochs", "0", "--data", "easy-vqa"], "epochs must be >= 1"),
+    (["train", "--epochs", "0", "--data", "easy-vqa"], "epochs must be in [1, 100000], got 0"),
     (["train", "--data", "/no/such/dir"], "neither 'easy-vqa' nor a dataset directory"),
     (["evaluate", "--checkpoint", "/no/such/run"], "/no/such/run"),
     (["train", "--resume", "/no/such/run"], "/no/such/run"),
@@ -105,6 +105,31 @@ def test_bad_arguments_give_one_line_and_exit_code_2(args, message):
     assert re.match(r"mmfuse( \w+)?: error: ", last) and message in last, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_train_with_a_local_attention_window(tiny, tmp_path, capsys):
+    out = tmp_path / "local"
+    assert main(["train", "--data", str(tiny), "--out", str(out), "--epochs", "1", "--fusion", "fusion_transformer",
+                 "--impl", "local", "--window", "16", "--num-global", "1", "--block-q", "8", *TINY]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["impl"], config["window"], config["num_global"], config["block_q"]) == ("local", 16, 1, 8)
+    model = VQAModel.from_pretrained(out)
+    assert {m.options["window"] for m in model.modules() if type(m).__name__ == "Attention"} == {16}
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_examples"] == 24
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--impl", "local"], "impl='local' needs window="),
+    (["--impl", "lowrank"], "impl='lowrank' needs rank="),
+    (["--window", "16"], "window= applies to impl in ['local'], not impl='auto'"),
+])
+def test_attention_options_that_do_not_fit_the_impl_are_one_line_errors(tiny, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", str(tiny), "--out", str(tmp_path / "run"), "--epochs", "1", *flags, *TINY])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_resume_refuses_new_settings(run, capsys):

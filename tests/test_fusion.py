@@ -90,6 +90,25 @@ def test_attention_weights_when_asked(name, shape):
     assert_close(model(image, text, image_mask=image_mask, text_mask=text_mask).pooled, out.pooled)
 
 
+LAYOUT_SHAPES = {  # (Nq, Nk) of each declared layout, for Ni = 6 image and Nt = 4 text tokens, Q = 5
+    fusion.TEXT_TO_IMAGE: (4, 6),
+    fusion.LATENTS_TO_TOKENS: (5, 6 + 4),
+    fusion.TOKENS_TO_TOKENS: (6 + 4, 6 + 4),
+}
+
+
+@pytest.mark.parametrize("name", BASELINES + ATTENTION)
+def test_each_fusion_declares_the_layout_of_its_attention(name):
+    """``attention_layout`` is what reports read: it must describe the weights the fusion returns."""
+    model = make(name, **({"num_queries": 5} if name == "attention_pooling" else {})).eval()
+    assert type(model) is fusion.get(name) and model.attention_layout == fusion.get(name).attention_layout
+    out = model(*batch()[:2], need_weights=True)
+    if model.attention_layout is None:
+        assert name in BASELINES and out.attention is None
+    else:
+        assert name in ATTENTION and out.attention.shape == (3, HEADS, *LAYOUT_SHAPES[model.attention_layout])
+
+
 @pytest.mark.parametrize("name", ATTENTION)
 def test_attention_fusions_see_each_image_token(name):
     """Replacing the image tokens by their mean changes the output: the context is not one vector."""

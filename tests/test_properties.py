@@ -28,7 +28,7 @@ from PIL import Image
 from torch.testing import assert_close
 
 from mmfuse.data import DataError, VQASplit, load_image, load_jsonl_split
-from mmfuse.data.vocab import CLS, PAD, UNK, WordTokenizer
+from mmfuse.encoders.tokenizer import CLS, PAD, UNK, WordTokenizer
 from mmfuse.layers import CrossAttention
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -192,7 +192,7 @@ def test_any_unicode_text_encodes_consistently(corpus, texts, max_length):
 def test_empty_and_very_long_questions(caplog):
     tok = WordTokenizer.fit(["what color is the shape"])
     texts = ["", "   ", "what " * 200, "color is " * 40, "shape"]
-    with caplog.at_level(logging.WARNING, logger="mmfuse.data.vocab"):
+    with caplog.at_level(logging.WARNING, logger="mmfuse.encoders.tokenizer"):
         ids, mask = tok.encode(texts, max_length=8)
     assert ids.shape == (5, 8)
     assert mask.sum(dim=1).tolist() == [1, 1, 8, 8, 2]

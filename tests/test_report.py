@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mmfuse import fusion as fusion_registry
 from mmfuse.data import AnswerVocab, WordTokenizer, load_split
 from mmfuse.evaluate import evaluate
 from mmfuse.models.vqa import VQAConfig, VQAModel
@@ -96,13 +97,21 @@ def test_attention_map_one_panel_per_token(tiny: tuple[Path, Path], tmp_path: Pa
     assert maps.maps.shape == (7, *GRID)
     # every text token attends over all image positions (nothing masked): each map sums to 1
     torch.testing.assert_close(maps.maps.sum(dim=(1, 2)), torch.ones(7))
-    assert len(attention_figure(img, maps).axes) == 7
+    assert len(attention_figure(img, maps).axes) == 1 + 7 + 1  # the image, one panel per token, colour bar
+    assert maps.num_keys == GRID[0] * GRID[1]
 
     out = tmp_path / "attn.png"
     answer = attention_map(model, img, question, out)
     assert_png(out)
     expected = model.answer(img[None], [question]).argmax(-1).item()
     assert answer == model.answers.names[expected]
+
+    heads = attention_maps(model, img, question, per_head=True)
+    H = model.config.num_heads
+    assert heads.labels[:H] == [f"<cls> h{i}" for i in range(H)]
+    assert heads.maps.shape == (7 * H, *GRID)
+    # the head-averaged panels are the mean of the per-head ones
+    torch.testing.assert_close(heads.maps.reshape(7, H, *GRID).mean(dim=1), maps.maps)
 
 
 def test_self_attention_uses_text_to_image_block() -> None:
@@ -131,6 +140,23 @@ def test_fusions_without_attention_are_rejected(fusion: str, tmp_path: Path) -> 
     with pytest.raises(ValueError, match=f"fusion {fusion} has no attention to show"):
         attention_map(untrained(fusion), image(), "what shape is it?", tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_attention_maps_follow_the_layout_the_fusion_declares(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fusion the report has never heard of by name gets maps from its ``attention_layout`` alone."""
+
+    class Renamed(fusion_registry.CrossAttentionFusion):
+        pass
+
+    class Silent(fusion_registry.CrossAttentionFusion):
+        attention_layout = None
+
+    monkeypatch.setitem(fusion_registry._REGISTRY, "renamed_cross", Renamed)
+    monkeypatch.setitem(fusion_registry._REGISTRY, "silent_cross", Silent)
+    maps = attention_maps(untrained("renamed_cross"), image(), "what shape is it?")
+    assert maps.maps.shape[1:] == GRID and maps.labels[0] == "<cls>"
+    with pytest.raises(ValueError, match="fusion silent_cross has no attention to show"):
+        attention_maps(untrained("silent_cross"), image(), "what shape is it?")
 
 
 def test_weightless_impl_and_pooled_latents_are_rejected() -> None:

@@ -203,11 +203,22 @@ def test_bf16_flag_is_an_alias_of_precision_bf16():
         TrainConfig(bf16=True, precision="fp32")
 
 
-def test_precision_auto_keeps_the_faster_of_fp32_and_bf16(tiny, tmp_path, monkeypatch):
+def test_precision_auto_keeps_the_faster_of_fp32_and_bf16_and_remembers_it(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr("mmfuse.train.cpu_bf16_support", lambda: "avx512_bf16")
+    monkeypatch.setenv("MMFUSE_CACHE", str(tmp_path / "cache"))
+    timed = []
     for fast in ("fp32", "bf16"):
-        monkeypatch.setattr(Trainer, "_time_steps", lambda self, p, fast=fast: 1.0 if p == fast else 2.0)
-        assert Trainer(_cfg(tiny, tmp_path / fast)).precision == fast
+        def timing(self, p, fast=fast):
+            timed.append(p)
+            return 1.0 if p == fast else 2.0
+
+        monkeypatch.setattr(Trainer, "_time_steps", timing)
+        seed = 0 if fast == "fp32" else 1  # another model setting: measured anew
+        assert Trainer(_cfg(tiny, tmp_path / fast, model={**TINY_MODEL, "dim": 32 + 16 * seed})).precision == fast
+    assert timed == ["fp32", "bf16", "fp32", "bf16"]
+    # The same settings again: the earlier choice, without timing.
+    assert Trainer(_cfg(tiny, tmp_path / "again", model={**TINY_MODEL, "dim": 48})).precision == "bf16"
+    assert len(timed) == 4
 
 
 def test_timing_the_precisions_leaves_weights_and_rng_untouched(tiny, tmp_path):
@@ -226,5 +237,6 @@ def test_mid_epoch_checkpoint_refuses_another_process_count(tiny, tmp_path):
     trainer.pos.step_in_epoch = 1
     trainer.world = 2  # as if written by rank 0 of two processes
     trainer.save_checkpoint()
+    trainer.close()
     with pytest.raises(CheckpointError, match="mid-epoch with 2 process"):
         Trainer(_cfg(tiny, tmp_path / "run"), resume=True)

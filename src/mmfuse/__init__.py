@@ -2,23 +2,40 @@
 
 Layers (``CrossAttention``, ``AttentionPooling``, ...), the fusion registry (``mmfuse.fusion.create``),
 models (``VQAModel``, ``VGGCrossAttention``, ``Captioner``), data, training and evaluation.
+
+The models are imported on first use (``mmfuse.VQAModel``): they bring the data package and its image
+libraries, which the attention layers alone do not need.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from mmfuse import fusion
-from mmfuse.attention import IMPLS, Attention, KVCache, attend
+from mmfuse.attention import IMPLS, Attention, AttentionConfig, KVCache, attend
 from mmfuse.fusion import FusionOutput
 from mmfuse.layers import (
     AttentionBlock,
     AttentionPooling,
+    CoAttention,
     CrossAttention,
     FeedForward,
-    FusionTransformer,
     GatedCrossAttention,
     ModalitySelfAttention,
     ModalityTokens,
     masked_mean,
 )
-from mmfuse.models import Captioner, CaptionerConfig, VGGCrossAttention, VGGCrossAttentionConfig, VQAConfig, VQAModel
+
+if TYPE_CHECKING:
+    from mmfuse.models import (
+        Captioner,
+        CaptionerConfig,
+        VGGCrossAttention,
+        VGGCrossAttentionConfig,
+        VQAConfig,
+        VQAModel,
+    )
 
 __version__ = "0.1.0"
 
@@ -26,13 +43,14 @@ __all__ = [
     "IMPLS",
     "Attention",
     "AttentionBlock",
+    "AttentionConfig",
     "AttentionPooling",
     "Captioner",
     "CaptionerConfig",
+    "CoAttention",
     "CrossAttention",
     "FeedForward",
     "FusionOutput",
-    "FusionTransformer",
     "GatedCrossAttention",
     "KVCache",
     "ModalitySelfAttention",
@@ -45,3 +63,13 @@ __all__ = [
     "fusion",
     "masked_mean",
 ]
+
+_LAZY = {"Captioner": "mmfuse.models", "CaptionerConfig": "mmfuse.models",
+         "VGGCrossAttention": "mmfuse.models", "VGGCrossAttentionConfig": "mmfuse.models",
+         "VQAConfig": "mmfuse.models", "VQAModel": "mmfuse.models"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mmfuse' has no attribute {name!r}")

@@ -17,6 +17,9 @@ v (BH, Nk, Dv), keep (BH, 1, Nk) bool or None.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -103,6 +106,9 @@ def local_attention_mask(nq: int, nk: int, *, window: int, num_global: int = 0,
     return mask
 
 
+# Cached: a layer calls with the same lengths step after step, and building a plan copies the window
+# starts to the device. The plans are never modified.
+@lru_cache(maxsize=64)
 def local_plan(nq: int, nk: int, *, window: int, num_global: int, block_q: int, block_k: int,
                device: torch.device | str | None = None) -> list[QueryBlock]:
     """Band plan for :func:`local_attention_mask`: O((Nq / block_q) * (block_q * Nk / Nq + window + g))."""
@@ -142,12 +148,31 @@ def _scores(qi: Tensor, k: Tensor, drop: Tensor | None, tile: Tile, window: int)
     return s
 
 
-def _dropout_scale(like: Tensor, p: float, seed: int) -> Tensor:
-    """Dropout multiplier (0 or 1/(1-p)) of one tile, regenerated identically in backward from its seed."""
-    gen = torch.Generator(device=like.device)
-    gen.manual_seed(seed)
-    keep = torch.rand(like.shape, generator=gen, device=like.device) >= p
+def _dropout_scale(like: Tensor, p: float) -> Tensor:
+    """Dropout multiplier (0 or 1/(1-p)) of one tile, drawn from the device's default generator.
+
+    Backward redraws the same masks by restoring the generator state forward started from (as
+    ``torch.utils.checkpoint`` does) and visiting the tiles in the same order.
+    """
+    keep = torch.rand(like.shape, device=like.device) >= p
     return keep.to(like.dtype).mul_(1.0 / (1.0 - p))
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    """The default generator's state for ``device``: a host tensor, read without waiting for the device."""
+    return torch.get_rng_state() if device.type == "cpu" else getattr(torch, device.type).get_rng_state(device)
+
+
+@contextmanager
+def _replay_rng(device: torch.device, state: Tensor) -> Iterator[None]:
+    """Run the block with ``device``'s generator at ``state``; the generator is restored afterwards."""
+    devices = [] if device.type == "cpu" else [device]
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        if device.type == "cpu":
+            torch.set_rng_state(state)
+        else:
+            getattr(torch, device.type).set_rng_state(state, device)
+        yield
 
 
 def _accumulate(target: Tensor, a: Tensor, b: Tensor) -> None:
@@ -158,13 +183,12 @@ def _accumulate(target: Tensor, a: Tensor, b: Tensor) -> None:
         target.add_(torch.bmm(a, b))
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, drop: Tensor | None, scale: float, dropout_p: float, seed: int,
+def _forward(q: Tensor, k: Tensor, v: Tensor, drop: Tensor | None, scale: float, dropout_p: float,
              plan: list[QueryBlock], window: int) -> tuple[Tensor, Tensor]:
     BH, Nq, _ = q.shape
     f = dict(dtype=_stats_dtype(q.dtype), device=q.device)
     out = q.new_empty(BH, Nq, v.shape[-1])
     lse = torch.empty(BH, Nq, 1, **f)
-    tile_id = seed
     for q0, q1, tiles in plan:
         qi = q[:, q0:q1] * scale  # (BH, bq, D)
         m = torch.full((BH, q1 - q0, 1), -_INF, **f)  # running max
@@ -178,8 +202,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, drop: Tensor | None, scale: float,
             alpha = (m - shift).exp_()
             l.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
             if dropout_p > 0:
-                p.mul_(_dropout_scale(p, dropout_p, tile_id))
-                tile_id += 1
+                p.mul_(_dropout_scale(p, dropout_p))
             acc.mul_(alpha)
             _accumulate(acc, p.to(v.dtype), v[:, tile.k0:tile.k1])
             m = m_new
@@ -190,12 +213,11 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, drop: Tensor | None, scale: float,
 
 
 def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, drop: Tensor | None,
-              scale: float, dropout_p: float, seed: int, plan: list[QueryBlock],
+              scale: float, dropout_p: float, plan: list[QueryBlock],
               window: int) -> tuple[Tensor, Tensor, Tensor]:
     f = dict(dtype=_stats_dtype(q.dtype), device=q.device)
     dq, dk, dv = torch.zeros(q.shape, **f), torch.zeros(k.shape, **f), torch.zeros(v.shape, **f)
     delta = (dout.to(f["dtype"]) * out).sum(dim=-1, keepdim=True)  # (BH, Nq, 1) = rowsum(P * dP)
-    tile_id = seed
     for q0, q1, tiles in plan:
         qi = q[:, q0:q1] * scale
         doi = dout[:, q0:q1]
@@ -204,8 +226,7 @@ def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
             p = _scores(qi, k, drop, tile, window).sub_(lse[:, q0:q1]).exp_()  # (BH, bq, bk)
             dp = torch.bmm(doi, vj.transpose(1, 2)).to(p.dtype)
             if dropout_p > 0:
-                z = _dropout_scale(p, dropout_p, tile_id)
-                tile_id += 1
+                z = _dropout_scale(p, dropout_p)
                 _accumulate(dv[:, tile.k0:tile.k1], (p * z).transpose(1, 2).to(v.dtype), doi)
                 dp.mul_(z)
             else:
@@ -221,18 +242,23 @@ class _BlockAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, drop: Tensor | None, scale: float, dropout_p: float,
                 plan: list[QueryBlock], window: int) -> Tensor:
-        # Each tile's dropout mask is seeded from this draw, so torch.manual_seed still governs dropout.
-        seed = int(torch.randint(2**62, ())) if dropout_p > 0 else 0
-        out, lse = _forward(q, k, v, drop, scale, dropout_p, seed, plan, window)
+        # The masks come from the default generator, so torch.manual_seed governs dropout; backward
+        # replays them from this state (a host tensor: reading it does not wait for the device).
+        ctx.rng_state = _rng_state(q.device) if dropout_p > 0 else None
+        out, lse = _forward(q, k, v, drop, scale, dropout_p, plan, window)
         ctx.save_for_backward(q, k, v, out, lse, drop)
-        ctx.args = (scale, dropout_p, seed, plan, window)
+        ctx.args = (scale, dropout_p, plan, window)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout: Tensor):
         q, k, v, out, lse, drop = ctx.saved_tensors
-        dq, dk, dv = _backward(dout, q, k, v, out, lse, drop, *ctx.args)
+        if ctx.rng_state is None:
+            dq, dk, dv = _backward(dout, q, k, v, out, lse, drop, *ctx.args)
+        else:
+            with _replay_rng(q.device, ctx.rng_state):
+                dq, dk, dv = _backward(dout, q, k, v, out, lse, drop, *ctx.args)
         return dq, dk, dv, None, None, None, None, None
 
 

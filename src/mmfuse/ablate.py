@@ -28,7 +28,8 @@ from mmfuse.device import resolve_device
 from mmfuse.evaluate import evaluate
 from mmfuse.fusion import available
 from mmfuse.models.vqa import VQAModel
-from mmfuse.report import _new_figure, _save, read_metrics
+from mmfuse.plotting import new_figure, save_figure
+from mmfuse.report import read_metrics
 from mmfuse.train import TrainConfig, train
 
 __all__ = ["COLUMNS", "DEFAULT_FUSIONS", "run_ablation", "write_results"]
@@ -127,7 +128,7 @@ def write_results(rows: list[dict[str, Any]], out_dir: str | os.PathLike, *, hea
         writer.writeheader()
         writer.writerows(rows)
 
-    fig = _new_figure((max(5.0, 1.1 * len(rows) + 2.0), 4.0))
+    fig = new_figure((max(5.0, 1.1 * len(rows) + 2.0), 4.0))
     ax = fig.subplots()
     accuracy = [r["test_accuracy"] for r in rows]
     bars = ax.bar(range(len(rows)), accuracy, color="tab:blue")
@@ -140,4 +141,4 @@ def write_results(rows: list[dict[str, Any]], out_dir: str | os.PathLike, *, hea
                     (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                     fontsize=8)
     fig.tight_layout()
-    _save(fig, out_dir / "results.png")
+    save_figure(fig, out_dir / "results.png")

@@ -13,7 +13,11 @@ Shapes::
     out: (B, H, Nq, D) weights: (B, H, Nq, Nk), each row sums to 1 over its kept keys
 
 A sample whose keys are all masked gets an output of zeros (and zero weights), never NaN, and its
-gradients stay finite.
+gradients stay finite. This is arithmetic on the mask, never a test of its values on the host: no call
+makes the host wait for the device.
+
+Layers take the implementation as ``impl=``: a name below, or an :class:`AttentionConfig` holding the
+name and its options, which a model passes unchanged to every layer it builds.
 
 ``causal=True`` (every implementation but ``lowrank``) lets query i see only keys
 ``j <= i + Nk - Nq``: the usual causal mask when Nq == Nk, and, when a decoder feeds only its newest
@@ -27,7 +31,8 @@ Implementations (``impl=``) and their options:
     ``math`` when weights are asked for, and for fp32/fp64 on CPU when each (batch, head) has at most
     ``SMALL_SCORES`` = 64 x 64 scores, where the explicit path is faster.
 ``math``
-    Explicit ``softmax(q k^T / sqrt(D)) v``; the reference, and the only one that returns weights.
+    Explicit ``softmax(q k^T / sqrt(D)) v``; the reference, and the path that returns weights (``auto``
+    returns them by running it).
 ``chunked`` (``block_q=512, block_k=1024``)
     Exact attention in query/key tiles with an online softmax; backward recomputes the tiles
     (flash-attention style), so no Nq x Nk tensor exists in forward or backward. Weights: no.
@@ -39,8 +44,9 @@ Implementations (``impl=``) and their options:
 ``lowrank`` (``proj_k``, ``proj_v``: (rank, max_len) tensors)
     Linformer: keys and values are projected along the sequence to ``rank`` rows by the first Nk
     columns of ``proj_k`` / ``proj_v`` (padded keys zeroed first), then attended with ``auto``.
-    :class:`Attention` owns the projections (``rank=``, ``max_len=``). Weights: no (they would be over
-    the ``rank`` projected rows, not over keys).
+    :class:`Attention` owns the projections, built from an :class:`AttentionConfig`'s ``rank`` and
+    ``max_len`` (filled in by :meth:`AttentionConfig.for_keys`). Weights: no (they would be over the
+    ``rank`` projected rows, not over keys).
 
 When each wins, measured on the 2-core AVX2 development machine (two threads, fp32 unless said, Nq = Nk
 = N, 8 heads of 64; ``benchmarks/README.md`` has the tables and the command):
@@ -65,6 +71,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,8 +80,18 @@ from torch import Tensor, nn
 
 from mmfuse._attention_blocked import block_attention, causal_plan, dense_plan, local_attention_mask, local_plan
 
-__all__ = ["IMPLS", "SMALL_SCORES", "Attention", "KVCache", "attend", "causal_mask", "check_key_padding_mask", "flops",
-           "local_attention_mask"]
+__all__ = [
+    "IMPLS",
+    "SMALL_SCORES",
+    "Attention",
+    "AttentionConfig",
+    "KVCache",
+    "attend",
+    "causal_mask",
+    "check_key_padding_mask",
+    "flops",
+    "local_attention_mask",
+]
 
 # An implementation takes (q, k, v, keep, scale, dropout_p, **options) where `keep` is None or a
 # (B, 1, 1, Nk) bool tensor with every sample keeping at least one key, and returns (out, weights|None).
@@ -270,12 +288,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None =
     keep = None
     empty = None  # (B, 1, 1, 1) True where a sample has no key at all
     if key_padding_mask is not None:
-        keep = key_padding_mask[:, None, None, :]  # (B, 1, 1, Nk)
-        has_key = key_padding_mask.any(dim=-1)
-        if not bool(has_key.all()):
-            # Let empty samples attend everywhere (no -inf rows, no NaN), then zero their outputs.
-            empty = ~has_key[:, None, None, None]
-            keep = keep | empty
+        # Empty samples attend everywhere (no -inf rows, no NaN) and get their outputs zeroed after.
+        # Done for every masked call rather than after testing whether any sample is empty: reading
+        # that answer back would make the host wait for the device on every call.
+        empty = ~key_padding_mask.any(dim=-1)[:, None, None, None]
+        keep = key_padding_mask[:, None, None, :] | empty  # (B, 1, 1, Nk)
     # One query after all of its keys (cached decoding) sees every key: causal is then a no-op.
     causal = causal and not (q.shape[2] == 1 and impl != "lowrank")
     if causal:
@@ -289,47 +306,125 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None =
 
 
 def _module_options(impl: str) -> tuple[str, ...]:
-    """The options Attention(impl=...) takes: attend's, except that lowrank's projections are built here."""
+    """The options a configuration may set: attend's, except that lowrank's projections are built from these."""
     return ("rank", "max_len") if impl == "lowrank" else _OPTIONS[impl]
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Which attention implementation a layer runs, with its options: one value for a whole model.
+
+    Every layer, fusion, encoder and model that takes ``impl=`` accepts either an implementation name
+    (``"chunked"``, shorthand for ``AttentionConfig("chunked")``) or an ``AttentionConfig``. Options
+    left at None take the implementation's defaults (see the module docstring); setting one that the
+    implementation does not use is an error, as is ``local`` without ``window`` or ``lowrank`` without
+    ``rank``.
+
+    ``max_len`` is the longest key sequence ``lowrank``'s projections cover. Models and fusions fill
+    it in from the sequences they attend over (:meth:`for_keys`), so a user rarely sets it.
+    """
+
+    impl: str = "auto"
+    window: int | None = None
+    num_global: int | None = None
+    block_q: int | None = None
+    block_k: int | None = None
+    rank: int | None = None
+    max_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.impl not in _REGISTRY:
+            raise ValueError(f"unknown attention impl {self.impl!r}; choose one of {sorted(_REGISTRY)}")
+        for name, value in self._given().items():
+            if name not in _module_options(self.impl):
+                users = [other for other in _REGISTRY if name in _module_options(other)]
+                raise ValueError(f"{name}= applies to impl in {users}, not impl={self.impl!r}")
+            _check_int(name, value, 0 if name == "num_global" else 1)
+        if self.impl == "local":
+            _check_window(self.window)
+        if self.impl == "lowrank" and self.rank is None:
+            raise ValueError("impl='lowrank' needs rank= (the number of rows keys and values are projected to)")
+
+    def _given(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "impl" and getattr(self, f.name) is not None}
+
+    @classmethod
+    def coerce(cls, impl: str | AttentionConfig) -> AttentionConfig:
+        """``impl`` as a configuration: a name becomes ``AttentionConfig(impl)``, a configuration stays."""
+        if isinstance(impl, AttentionConfig):
+            return impl
+        if isinstance(impl, str):
+            return cls(impl)
+        raise TypeError(f"impl must be an implementation name or an AttentionConfig, got {type(impl).__name__}")
+
+    @property
+    def options(self) -> dict[str, int]:
+        """The keyword options :func:`attend` takes for this implementation (lowrank's come as projections)."""
+        return {name: value for name, value in self._given().items() if name in _OPTIONS[self.impl]}
+
+    @property
+    def returns_weights(self) -> bool:
+        """Whether this implementation can return attention weights (``need_weights=True``)."""
+        return self.impl in ("auto", "math")
+
+    def for_keys(self, length: int) -> AttentionConfig:
+        """This configuration for a layer whose keys are at most ``length`` long: fills in lowrank's
+        ``max_len`` when it is not set; other implementations do not depend on the length."""
+        if self.impl == "lowrank" and self.max_len is None:
+            return replace(self, max_len=length)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"impl": ..., **options that are set}``, for JSON."""
+        return {"impl": self.impl, **self._given()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AttentionConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown attention option(s) {unknown}; expected {[f.name for f in fields(cls)]}")
+        return cls(**d)
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k}={v!r}" if k == "impl" else f"{k}={v}" for k, v in self.to_dict().items())
 
 
 class Attention(nn.Module):
     """The attention step of a layer: implementation choice, dropout, and impl-specific parameters.
 
     It has no q/k/v projections; layers own those and call this module on (B, H, N, D) tensors.
-    Options (see the module docstring): ``window``, ``num_global`` for ``local``; ``block_q``,
-    ``block_k`` for ``chunked`` and ``local``; ``rank``, ``max_len`` for ``lowrank``, which then owns
-    the sequence projections ``proj_k``, ``proj_v`` of shape (rank, max_len).
+    ``impl`` is a name or an :class:`AttentionConfig`; keyword options (``window``, ``num_global``,
+    ``block_q``, ``block_k``, ``rank``, ``max_len``) override the configuration's. With ``lowrank``
+    the module owns the sequence projections ``proj_k``, ``proj_v`` of shape (rank, max_len), so
+    ``max_len`` must be known here.
     """
 
-    def __init__(self, *, impl: str = "auto", dropout: float = 0.0, window: int | None = None,
-                 num_global: int | None = None, block_q: int | None = None, block_k: int | None = None,
-                 rank: int | None = None, max_len: int | None = None) -> None:
+    def __init__(self, *, impl: str | AttentionConfig = "auto", dropout: float = 0.0, **options: int | None) -> None:
         super().__init__()
-        if impl not in _REGISTRY:
-            raise ValueError(f"unknown attention impl {impl!r}; choose one of {sorted(_REGISTRY)}")
+        given = {name: value for name, value in options.items() if value is not None}
+        unknown = sorted(set(given) - {f.name for f in fields(AttentionConfig)})
+        if unknown:
+            raise ValueError(f"unknown attention option(s) {unknown}")
+        if isinstance(impl, str):
+            config = AttentionConfig(impl, **given)
+        else:
+            config = replace(AttentionConfig.coerce(impl), **given)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        given = {"window": window, "num_global": num_global, "block_q": block_q, "block_k": block_k,
-                 "rank": rank, "max_len": max_len}
-        given = {name: value for name, value in given.items() if value is not None}
-        for name, value in given.items():
-            if name not in _module_options(impl):
-                users = [other for other in _REGISTRY if name in _module_options(other)]
-                raise ValueError(f"{name}= applies to impl in {users}, not impl={impl!r}")
-            _check_int(name, value, 0 if name == "num_global" else 1)
-        if impl == "local":
-            _check_window(window)
-        self.impl = impl
+        self.config = config
+        self.impl = config.impl
         self.dropout = dropout
-        self.options = {name: value for name, value in given.items() if name in _OPTIONS[impl]}  # for attend()
+        self.options = config.options  # for attend()
         self.proj_k: nn.Parameter | None = None
         self.proj_v: nn.Parameter | None = None
-        if impl == "lowrank":
-            if rank is None or max_len is None:
-                raise ValueError("impl='lowrank' needs rank= and max_len= (the longest key sequence)")
-            self.proj_k = nn.Parameter(torch.empty(rank, max_len))
-            self.proj_v = nn.Parameter(torch.empty(rank, max_len))
+        if config.impl == "lowrank":
+            if config.max_len is None:
+                raise ValueError("impl='lowrank' needs rank= and max_len= (the longest key sequence; models and "
+                                 "fusions fill it in with AttentionConfig.for_keys)")
+            self.proj_k = nn.Parameter(torch.empty(config.rank, config.max_len))
+            self.proj_v = nn.Parameter(torch.empty(config.rank, config.max_len))
             self.init_weights()
 
     def init_weights(self) -> None:

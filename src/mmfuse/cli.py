@@ -1,4 +1,4 @@
-"""The ``mmfuse`` command: train, evaluate, predict, ablate, robustness.
+"""The ``mmfuse`` command: train, evaluate, predict, ablate, robustness, serve, export.
 
 Every command prints its result; errors in the user's input (a bad argument, a dataset line, a
 checkpoint file) end with one line ``mmfuse: error: ...`` and exit code 2.
@@ -99,6 +99,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-heads", type=int, help=f"attention heads {d('num_heads')}")
     g.add_argument("--dropout", type=float, help=f"dropout probability {d('dropout')}")
     g.add_argument("--impl", choices=list(IMPLS), help=f"attention implementation {d('impl')}")
+    g.add_argument("--window", type=int, help="--impl local: keys each query sees (required with local)")
+    g.add_argument("--num-global", type=int, help="--impl local: leading tokens every query sees (default: 0)")
+    g.add_argument("--rank", type=int, help="--impl lowrank: rows keys and values are projected to (required)")
+    g.add_argument("--block-q", type=int, help="--impl chunked/local: queries per tile (default: 512, local 256)")
+    g.add_argument("--block-k", type=int, help="--impl chunked/local: keys per tile (default: 1024)")
     g.add_argument("--image-size", type=int, help=f"images are resized to this square size {d('image_size')}")
 
 
@@ -194,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     p.add_argument("--out", help="run directory (default: runs/<fusion>-seed<seed>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run with its own settings")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out (default: refuse)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: continue although the dataset changed since the run was checkpointed")
     p.add_argument("--report", action="store_true", help="write RUN_DIR/report.md after training")
     p.add_argument("--json", action="store_true", help="print the last epoch's metrics as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -258,6 +266,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate only the first N images' questions")
     p.add_argument("--seed", type=int, default=0, help="seed of the random perturbations")
     _add_device(p, precision=False)
+
+    p = sub.add_parser("serve", help="HTTP API and a page that answer questions about uploaded images")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="the trained run to serve")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--max-batch", type=int, default=32, help="most requests in one forward pass (default: 32)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a request waits for others to batch with (default: 5)")
+    p.add_argument("--max-upload-bytes", type=int, default=5_000_000,
+                   help="larger bodies get 413 (default: 5000000)")
+    p.add_argument("--max-pixels", type=int, default=16_000_000,
+                   help="larger images (width x height, from the header) get 400 (default: 16000000)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    _add_device(p, precision=False)
+
+    p = sub.add_parser("export", help="write a trained model as ONNX, TorchScript or a torch.export program")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="the trained run to export")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "torch-export"], help="file format")
+    p.add_argument("--out", required=True, metavar="FILE", help="model file (torch-export: *.pt2); FILE.json beside it")
     return parser
 
 
@@ -303,7 +330,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             if conflicts:
                 raise UsageError(f"--resume continues a run with its own settings; drop {', '.join(conflicts)}")
             overrides = {k: getattr(args, k) for k in ("threads", "compile") if getattr(args, k) is not None}
-            result = resume(args.resume, device=args.device, progress=progress, **overrides)
+            result = resume(args.resume, device=args.device, progress=progress,
+                            allow_data_change=args.allow_data_change, **overrides)
             out = Path(args.resume)
         else:
             options = _train_options(args)
@@ -315,7 +343,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             options = {**getattr(tasks.create(task), "train_defaults", {}), **options}
             out = Path(args.out or _default_out(task, model, options.get("seed", 0)))
             cfg = TrainConfig(data=args.data, out=str(out), progress=progress, model=model, **options)
-            result = Trainer(cfg).fit()
+            result = Trainer(cfg, overwrite=args.overwrite).fit()
     if rank != 0:
         return 0
     if args.json:
@@ -481,21 +509,67 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_dir(path: str) -> Path:
+    run = Path(path)
+    if not (run / "config.json").is_file():
+        raise UsageError(f"{run}: not a checkpoint directory (no config.json); pass a run directory of mmfuse train")
+    return run
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mmfuse.serve import ServeConfig, run_server
+
+    config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_bytes=args.max_upload_bytes,
+                         max_pixels=args.max_pixels, threads=args.threads, device=args.device)
+    run_server(_checkpoint_dir(args.checkpoint), config, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mmfuse.export import export
+    from mmfuse.models import VQAModel
+
+    run = _checkpoint_dir(args.checkpoint)
+    model = _load_model(run, "cpu")
+    if not isinstance(model, VQAModel):
+        raise UsageError(f"{run}: export writes VQA models, this is a {model.model_type} model")
+    path = export(model, args.out, args.format)
+    print(f"wrote {path} and {path}.json (vocabulary, answers, input names)")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "ablate": cmd_ablate,
-            "make-dataset": cmd_make_dataset, "robustness": cmd_robustness}
+            "make-dataset": cmd_make_dataset, "robustness": cmd_robustness, "serve": cmd_serve, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    from mmfuse.train import TrainingDiverged
+
     try:
         return COMMANDS[args.command](args)
-    # DataError and CheckpointError are ValueErrors, as are settings rejected by a config's checks.
-    except (UsageError, FileNotFoundError, ValueError) as e:
-        parser.exit(2, f"mmfuse: error: {e}\n")
+    # DataError, CheckpointError and RunDirError are ValueErrors, as are settings a config's checks reject;
+    # OSError: a path that is a folder, a full disk (WriteError names the file), a permission.
+    except (UsageError, ValueError, OSError, TrainingDiverged) as e:
+        parser.exit(2, f"mmfuse: error: {_one_line(e)}\n")
+    except RecursionError:
+        parser.exit(2, "mmfuse: error: an input file nests too deeply to read (JSON nested thousands of levels?)\n")
     except KeyboardInterrupt:
         parser.exit(130, "mmfuse: interrupted\n")
+    except Exception as e:
+        # Not the user's doing: one line saying so first, then the traceback for the bug report.
+        print(f"mmfuse: internal error: {type(e).__name__}: {_one_line(e)} (a bug in mmfuse; the traceback "
+              "follows)", file=sys.stderr)
+        raise
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return text or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -15,18 +15,24 @@ Shared images: with ``image_index`` (B,), ``image_tokens`` and ``image_mask`` ho
 projections) once per image: in VQA about ten questions share an image.
 
 ``out.attention`` (only with ``need_weights=True``, else None) holds the weights of the fusion's main
-cross-modal attention, from its last block; H = num_heads:
+cross-modal attention, from its last block; H = num_heads. Each fusion class declares its layout in
+``attention_layout`` (what reports and attention maps read):
 
-- ``cross_attention``: text -> image, (B, H, Nt, Ni);
-- ``gated_cross_attention``: text -> image in the last gated block, (B, H, Nt, Ni);
-- ``fusion_transformer``: text -> image in the last co-attention block, (B, H, Nt, Ni);
-- ``attention_pooling``: latents -> [image tokens; text tokens], (B, H, Q, Ni + Nt);
-- ``self_attention``: [image; text] -> [image; text], (B, H, Ni + Nt, Ni + Nt);
-- ``concat``, ``late``, ``product``, ``text_only``, ``image_only``: None, they have no attention.
+- ``TEXT_TO_IMAGE`` (B, H, Nt, Ni): ``cross_attention``, ``gated_cross_attention`` (last gated block),
+  ``fusion_transformer`` (last co-attention block);
+- ``LATENTS_TO_TOKENS`` (B, H, Q, Ni + Nt), latents over [image tokens; text tokens]: ``attention_pooling``;
+- ``TOKENS_TO_TOKENS`` (B, H, Ni + Nt, Ni + Nt), [image; text] over itself: ``self_attention``;
+- None: ``concat``, ``late``, ``product``, ``text_only``, ``image_only``, which have no attention.
 
 ``create(name, image_dim=..., text_dim=..., dim=..., ...)`` passes each fusion the common arguments
-it uses (``dim, num_heads, depth, dropout, impl, attn_options``) and ignores the rest; any other
-keyword argument must be one the fusion declares, else ``TypeError``.
+it uses (``dim, num_heads, depth, dropout, impl, max_image_tokens, max_text_tokens``) and ignores the
+rest; any other keyword argument must be one the fusion declares, else ``TypeError``. ``impl`` is an
+attention implementation name or an :class:`~mmfuse.attention.AttentionConfig`; ``max_image_tokens``
+and ``max_text_tokens`` (the longest inputs) size ``lowrank``'s projections, which is the only
+implementation that needs them.
+
+A fusion checks its inputs once, in :meth:`Fusion.check_inputs` at the top of its forward; the
+layers inside it do not check again (see :func:`mmfuse.layers.common.trust_inputs`).
 """
 
 from __future__ import annotations
@@ -34,11 +40,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from mmfuse.attention import AttentionConfig
 from mmfuse.layers.attention_pool import AttentionPooling
+from mmfuse.layers.co_attention import CoAttention
 from mmfuse.layers.common import (
     check_context_index,
     check_mask,
@@ -47,13 +56,30 @@ from mmfuse.layers.common import (
     gather_rows,
     init_linear,
     masked_mean,
+    trust_inputs,
 )
 from mmfuse.layers.cross_attention import AttentionBlock, apply_blocks
-from mmfuse.layers.fusion_transformer import FusionTransformer
 from mmfuse.layers.gated import GatedCrossAttention
 from mmfuse.layers.self_fusion import ModalitySelfAttention, ModalityTokens
 
-__all__ = ["Fusion", "FusionOutput", "available", "create", "per_question", "register"]
+__all__ = [
+    "LATENTS_TO_TOKENS",
+    "TEXT_TO_IMAGE",
+    "TOKENS_TO_TOKENS",
+    "Fusion",
+    "FusionOutput",
+    "FusionTransformer",
+    "available",
+    "create",
+    "get",
+    "per_question",
+    "register",
+]
+
+# Layouts of FusionOutput.attention (see the module docstring), declared by each fusion class.
+TEXT_TO_IMAGE = "text->image"
+LATENTS_TO_TOKENS = "latents->image+text"
+TOKENS_TO_TOKENS = "image+text->image+text"
 
 
 @dataclass
@@ -85,24 +111,46 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create(name: str, *, image_dim: int, text_dim: int, dim: int = 256, num_heads: int = 8, depth: int = 1,
-           dropout: float = 0.1, impl: str = "auto", attn_options: dict | None = None, **kwargs) -> Fusion:
-    """Build the fusion registered as ``name``; see the module docstring for the arguments."""
+def get(name: str) -> type[Fusion]:
+    """The fusion class registered as ``name`` (e.g. to read its ``attention_layout``)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown fusion {name!r}; choose one of {available()}")
-    cls = _REGISTRY[name]
+    return _REGISTRY[name]
+
+
+def create(name: str, *, image_dim: int, text_dim: int, dim: int = 256, num_heads: int = 8, depth: int = 1,
+           dropout: float = 0.1, impl: str | AttentionConfig = "auto", max_image_tokens: int | None = None,
+           max_text_tokens: int | None = None, **kwargs) -> Fusion:
+    """Build the fusion registered as ``name``; see the module docstring for the arguments."""
+    cls = get(name)
     accepted = inspect.signature(cls).parameters
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise TypeError(f"fusion {name!r} got unexpected arguments {unknown}; it accepts {sorted(accepted)}")
-    common = {"dim": dim, "num_heads": num_heads, "depth": depth, "dropout": dropout, "impl": impl,
-              "attn_options": attn_options}
+    config = AttentionConfig.coerce(impl)
+    if ("max_image_tokens" in accepted and config.impl == "lowrank" and config.max_len is None
+            and (max_image_tokens is None or max_text_tokens is None)):
+        raise ValueError(f"fusion {name!r} with impl='lowrank' needs max_image_tokens= and max_text_tokens= "
+                         "(the longest inputs), which size the low-rank projections")
+    common = {"dim": dim, "num_heads": num_heads, "depth": depth, "dropout": dropout, "impl": config,
+              "max_image_tokens": max_image_tokens, "max_text_tokens": max_text_tokens}
     common = {k: v for k, v in common.items() if k in accepted}
     return cls(image_dim=image_dim, text_dim=text_dim, **common, **kwargs)
 
 
+def _total(*lengths: int | None) -> int | None:
+    """Length of concatenated sequences, None if any is unknown."""
+    return None if any(n is None for n in lengths) else sum(lengths)
+
+
 class Fusion(nn.Module):
-    """Base of every fusion: remembers the input widths and ``out_dim``, checks the inputs."""
+    """Base of every fusion: remembers the input widths and ``out_dim``, checks the inputs.
+
+    ``attention_layout`` says what ``FusionOutput.attention`` holds (module docstring); None for a
+    fusion without attention.
+    """
+
+    attention_layout: ClassVar[str | None] = None
 
     def __init__(self, *, image_dim: int, text_dim: int, out_dim: int) -> None:
         super().__init__()
@@ -240,20 +288,23 @@ class CrossAttentionFusion(Fusion):
     """Text tokens (projected to ``dim``) query the image tokens through ``depth`` pre-norm
     cross-attention + feed-forward blocks; final LayerNorm; pooled = masked mean of the text tokens."""
 
+    attention_layout = TEXT_TO_IMAGE
+
     def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, num_heads: int = 8, depth: int = 1,
-                 mlp_ratio: float = 4.0, dropout: float = 0.1, impl: str = "auto",
-                 attn_options: dict | None = None) -> None:
+                 mlp_ratio: float = 4.0, dropout: float = 0.1, impl: str | AttentionConfig = "auto",
+                 max_image_tokens: int | None = None, max_text_tokens: int | None = None) -> None:
         super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.text_proj = nn.Linear(text_dim, dim)
         self.blocks = nn.ModuleList(
             AttentionBlock(dim, context_dim=image_dim, self_attention=False, num_heads=num_heads,
-                           mlp_ratio=mlp_ratio, dropout=dropout, impl=impl, attn_options=attn_options)
+                           mlp_ratio=mlp_ratio, dropout=dropout, impl=impl, max_context_tokens=max_image_tokens)
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
         init_linear(self.text_proj)
+        trust_inputs(self.blocks)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
                 text_mask: Tensor | None = None, image_index: Tensor | None = None,
@@ -270,14 +321,18 @@ class AttentionPoolingFusion(Fusion):
     """``num_queries`` latents attend over [image tokens; text tokens] (each projected to ``dim`` and
     tagged with a modality-type embedding); pooled = mean of the latents, tokens = the latents."""
 
+    attention_layout = LATENTS_TO_TOKENS
+
     def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, num_heads: int = 8, depth: int = 1,
-                 num_queries: int = 32, mlp_ratio: float = 4.0, dropout: float = 0.1, impl: str = "auto",
-                 attn_options: dict | None = None) -> None:
+                 num_queries: int = 32, mlp_ratio: float = 4.0, dropout: float = 0.1,
+                 impl: str | AttentionConfig = "auto", max_image_tokens: int | None = None,
+                 max_text_tokens: int | None = None) -> None:
         super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
         self.embed = ModalityTokens(image_dim, text_dim, dim=dim, dropout=dropout)
         self.pool = AttentionPooling(dim, num_queries=num_queries, num_heads=num_heads, depth=depth,
                                      mlp_ratio=mlp_ratio, dropout=dropout, impl=impl,
-                                     attn_options=attn_options)
+                                     max_tokens=_total(max_image_tokens, max_text_tokens))
+        trust_inputs(self.embed, self.pool)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
                 text_mask: Tensor | None = None, image_index: Tensor | None = None,
@@ -294,13 +349,16 @@ class SelfAttentionFusion(Fusion):
     """:class:`~mmfuse.layers.ModalitySelfAttention` over [image; text]; pooled = masked mean of all
     kept tokens of both modalities."""
 
+    attention_layout = TOKENS_TO_TOKENS
+
     def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, num_heads: int = 8, depth: int = 1,
-                 mlp_ratio: float = 4.0, dropout: float = 0.1, impl: str = "auto",
-                 attn_options: dict | None = None) -> None:
+                 mlp_ratio: float = 4.0, dropout: float = 0.1, impl: str | AttentionConfig = "auto",
+                 max_image_tokens: int | None = None, max_text_tokens: int | None = None) -> None:
         super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
         self.encoder = ModalitySelfAttention(image_dim, text_dim, dim=dim, num_heads=num_heads, depth=depth,
                                              mlp_ratio=mlp_ratio, dropout=dropout, impl=impl,
-                                             attn_options=attn_options)
+                                             max_tokens=_total(max_image_tokens, max_text_tokens))
+        trust_inputs(self.encoder)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
                 text_mask: Tensor | None = None, image_index: Tensor | None = None,
@@ -322,21 +380,23 @@ class GatedCrossAttentionFusion(Fusion):
     training opens them (Flamingo).
     """
 
+    attention_layout = TEXT_TO_IMAGE
+
     def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, num_heads: int = 8, depth: int = 1,
-                 mlp_ratio: float = 4.0, dropout: float = 0.1, impl: str = "auto",
-                 attn_options: dict | None = None) -> None:
+                 mlp_ratio: float = 4.0, dropout: float = 0.1, impl: str | AttentionConfig = "auto",
+                 max_image_tokens: int | None = None, max_text_tokens: int | None = None) -> None:
         super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
-        kwargs = {"num_heads": num_heads, "mlp_ratio": mlp_ratio, "dropout": dropout, "impl": impl,
-                  "attn_options": attn_options}
+        kwargs = {"num_heads": num_heads, "mlp_ratio": mlp_ratio, "dropout": dropout, "impl": impl}
         self.text_proj = nn.Linear(text_dim, dim)
         self.blocks = nn.ModuleList()
         for _ in range(depth):
-            self.blocks.append(AttentionBlock(dim, **kwargs))
-            self.blocks.append(GatedCrossAttention(dim, image_dim, **kwargs))
+            self.blocks.append(AttentionBlock(dim, max_tokens=max_text_tokens, **kwargs))
+            self.blocks.append(GatedCrossAttention(dim, image_dim, max_context_tokens=max_image_tokens, **kwargs))
         self.norm = nn.LayerNorm(dim)
         init_linear(self.text_proj)
+        trust_inputs(self.blocks)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
                 text_mask: Tensor | None = None, image_index: Tensor | None = None,
@@ -349,17 +409,20 @@ class GatedCrossAttentionFusion(Fusion):
 
 
 @register("fusion_transformer")
-class TransformerFusion(Fusion):
-    """:class:`~mmfuse.layers.FusionTransformer` (co-attention blocks); pooled = masked mean of the
-    text tokens."""
+class FusionTransformer(Fusion):
+    """The text tokens through :class:`~mmfuse.layers.CoAttention` (``depth`` co-attention blocks over
+    the image tokens); pooled = masked mean of the text tokens."""
+
+    attention_layout = TEXT_TO_IMAGE
 
     def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, num_heads: int = 8, depth: int = 1,
-                 mlp_ratio: float = 4.0, dropout: float = 0.1, impl: str = "auto",
-                 attn_options: dict | None = None) -> None:
+                 mlp_ratio: float = 4.0, dropout: float = 0.1, impl: str | AttentionConfig = "auto",
+                 max_image_tokens: int | None = None, max_text_tokens: int | None = None) -> None:
         super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
-        self.encoder = FusionTransformer(text_dim, image_dim, dim=dim, num_heads=num_heads, depth=depth,
-                                         mlp_ratio=mlp_ratio, dropout=dropout, impl=impl,
-                                         attn_options=attn_options)
+        self.encoder = CoAttention(text_dim, image_dim, dim=dim, num_heads=num_heads, depth=depth,
+                                   mlp_ratio=mlp_ratio, dropout=dropout, impl=impl,
+                                   max_text_tokens=max_text_tokens, max_image_tokens=max_image_tokens)
+        trust_inputs(self.encoder)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
                 text_mask: Tensor | None = None, image_index: Tensor | None = None,

@@ -11,12 +11,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from safetensors.torch import load_file, save_file
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 __all__ = [
-    "CheckpointError", "atomic_path", "atomic_write_text", "dataclass_from_dict", "load_checked", "load_weights",
-    "read_json", "write_safetensors",
+    "CheckpointError",
+    "WriteError",
+    "atomic_path",
+    "atomic_write_text",
+    "check_bounds",
+    "dataclass_from_dict",
+    "load_checked",
+    "load_weights",
+    "read_json",
+    "write_safetensors",
 ]
 
 
@@ -27,21 +37,54 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, tampered with or does not fit the model."""
 
 
+class WriteError(OSError):
+    """A file could not be written (full disk, no permission...); the message names it. The previous
+    version of the file, if any, is untouched."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file: mkstemp's 0600 made run files private
+
+
+def _write_error(path: Path, e: BaseException) -> WriteError:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    error = WriteError(f"{path}: could not write ({reason})")
+    error.errno = getattr(e, "errno", None)
+    return error
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file beside ``path``; once the block succeeds it is fsynced and replaces ``path``.
 
     Readers see the old file or the complete new one, never a partial one (``os.replace`` is atomic);
-    on error the temporary file is removed.
+    on error the temporary file is removed, and an error of the file system (a full disk) becomes a
+    :class:`WriteError` naming ``path``.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _write_error(path, e) from e
     os.close(fd)
     try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            yield Path(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, _FILE_MODE)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise _write_error(path, e) from e
+        except Exception as e:  # safetensors reports a failed write with its own error type
+            if "os error" in str(e).lower() or "no space" in str(e).lower():
+                raise _write_error(path, e) from e
+            raise
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -67,6 +110,21 @@ def dataclass_from_dict(cls: type[T], d: dict[str, Any], what: str) -> T:
     return cls(**d)
 
 
+def check_bounds(obj: Any, bounds: dict[str, tuple[float, float]]) -> None:
+    """``ValueError`` naming the field unless each ``obj.<field>`` is a number in ``[low, high]``; an int field
+    (its default is an int) must hold an int. Bounds keep a typo (``dim: 20000``) from allocating for minutes
+    before failing."""
+    for name, (low, high) in bounds.items():
+        value = getattr(obj, name)
+        integral = isinstance(obj.__dataclass_fields__[name].default, int) if hasattr(obj, "__dataclass_fields__") \
+            else isinstance(value, int)
+        ok_type = isinstance(value, int) if integral else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok_type:
+            raise ValueError(f"{name} must be {'an int' if integral else 'a number'}, got {value!r}")
+        if not low <= value <= high:
+            raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value!r}")
+
+
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
     """A JSON object from ``path``; :class:`CheckpointError` naming the file if missing or invalid."""
     path = Path(path)
@@ -74,23 +132,29 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: missing") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, bad UTF-8, an int of 5,000 digits
         raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+    except RecursionError as e:
+        raise CheckpointError(f"{path}: invalid JSON (nested too deeply)") from e
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a safetensors state dict into ``model``, with one-line errors that name the file."""
+def load_weights(model: nn.Module, path: str | os.PathLike) -> dict[str, str]:
+    """Load a safetensors state dict into ``model``, with one-line errors that name the file; returns the
+    file's metadata."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
     try:
-        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from e
     load_checked(model, state, path)
+    return metadata
 
 
 def load_checked(model: nn.Module, state: dict[str, Tensor], path: str | os.PathLike) -> None:
@@ -105,5 +169,9 @@ def load_checked(model: nn.Module, state: dict[str, Tensor], path: str | os.Path
         if tensor.shape != own[name].shape:
             raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, the config needs "
                                   f"{tuple(own[name].shape)}")
+        if tensor.dtype != own[name].dtype:
+            raise CheckpointError(f"{path}: {name} is {tensor.dtype}, the model holds {own[name].dtype}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: {name} holds NaN or infinite values")
     model.load_state_dict(state)
 

@@ -37,7 +37,7 @@ from mmfuse.evaluate import evaluate
 from mmfuse.io import atomic_write_text
 from mmfuse.models.vqa import VQAModel
 from mmfuse.perturbations import MAX_SEVERITY, PERTURBATIONS, SEVERITIES, Perturbation, get_perturbation
-from mmfuse.report import _new_figure, _save
+from mmfuse.plotting import new_figure, save_figure
 
 __all__ = ["area_under_curve", "evaluate_perturbed", "perturb_split", "relative_robustness", "run_robustness"]
 
@@ -215,7 +215,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     perturbations = list(report["perturbations"])
     cols = min(4, len(perturbations))
     rows = math.ceil(len(perturbations) / cols)
-    fig = _new_figure((3.2 * cols, 2.8 * rows + 0.6))
+    fig = new_figure((3.2 * cols, 2.8 * rows + 0.6))
     axes = fig.subplots(rows, cols, squeeze=False).flatten()
     for ax, p in zip(axes, perturbations, strict=False):
         for m in report["models"]:
@@ -231,4 +231,4 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    _save(fig, path)
+    save_figure(fig, path)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
@@ -33,9 +35,10 @@ from torch import nn
 from tqdm import tqdm
 
 from mmfuse import runs, tasks
-from mmfuse.data import EASY_VQA
+from mmfuse.data import EASY_VQA, default_cache_dir
 from mmfuse.device import autocast, cpu_bf16_support, default_threads, resolve_device, resolve_precision
-from mmfuse.io import CheckpointError, dataclass_from_dict, load_checked
+from mmfuse.io import CheckpointError, atomic_write_text, check_bounds, dataclass_from_dict, load_checked
+from mmfuse.models.base import check_fits_in_memory
 from mmfuse.tasks.base import attention_modules
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "distributed", "param_groups", "resume", "train"]
@@ -44,6 +47,14 @@ log = logging.getLogger(__name__)
 
 # Kept importable from here: older code reads these names from mmfuse.train.
 RUN_CONFIG, STATE_NAME, METRICS_NAME = runs.RUN_CONFIG, runs.STATE_NAME, runs.METRICS_NAME
+
+
+# Each setting's range (see io.check_bounds); lr, attention_lr_mult and step_gamma must also be > 0.
+_BOUNDS = {"epochs": (1, 100_000), "images_per_batch": (1, 1_000_000), "lr": (0, 10), "momentum": (0, 0.999),
+           "weight_decay": (0, 10), "warmup_steps": (0, 10_000_000), "step_epochs": (1, 100_000),
+           "step_gamma": (0, 1), "attention_lr_mult": (0, 1000), "attention_l2": (0, 1000), "grad_clip": (0, 1e6),
+           "label_smoothing": (0, 0.99), "seed": (0, 2**63 - 1), "threads": (0, 4096),
+           "checkpoint_every": (0, 10_000_000), "eval_every": (0, 100_000)}
 
 
 @dataclass
@@ -82,25 +93,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.task not in tasks.available():
             raise ValueError(f"task must be one of {tasks.available()}, got {self.task!r}")
-        for name in ("epochs", "images_per_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "step_epochs", "threads", "checkpoint_every", "eval_every", "weight_decay",
-                     "grad_clip", "attention_l2", "momentum"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.step_epochs < 1:
-            raise ValueError(f"step_epochs must be >= 1, got {self.step_epochs}")
+        check_bounds(self, _BOUNDS)
+        if not 0 < self.lr <= 10 or not math.isfinite(self.lr):
+            raise ValueError(f"lr must be in (0, 10], got {self.lr}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.schedule not in ("cosine", "step", "constant"):
             raise ValueError(f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
-        if not self.lr > 0 or not self.attention_lr_mult > 0:
-            raise ValueError(f"lr and attention_lr_mult must be positive, got {self.lr}, {self.attention_lr_mult}")
-        if not 0 < self.step_gamma <= 1:
+        if not self.attention_lr_mult > 0:
+            raise ValueError(f"attention_lr_mult must be positive, got {self.attention_lr_mult}")
+        if not 0 < self.step_gamma:
             raise ValueError(f"step_gamma must be in (0, 1], got {self.step_gamma}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.bf16:  # the alias wins over the default, and must not contradict an explicit choice
@@ -114,6 +117,14 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         return dataclass_from_dict(cls, d, "training settings")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
 
 
 class TrainingDiverged(RuntimeError):
@@ -229,7 +240,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, device: str | torch.device | None = None,
-                 train_split: Any = None, eval_split: Any = None) -> None:
+                 train_split: Any = None, eval_split: Any = None, overwrite: bool = False,
+                 allow_data_change: bool = False) -> None:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.rank, self.world, _ = _dist_env()
@@ -238,7 +250,25 @@ class Trainer:
                                "(the mmfuse command does this)")
         self.device = process_device(str(device) if device is not None else cfg.device)
         self.task = tasks.create(cfg.task, label_smoothing=cfg.label_smoothing, attention_l2=cfg.attention_l2)
+        if Path(cfg.data).is_dir():  # run.json then finds the data from any working directory
+            cfg.data = str(Path(cfg.data).resolve())
+        self._lock: runs.RunLock | None = None
+        if self.rank == 0:
+            self._lock = runs.RunLock(self.out)
+        try:
+            if self.rank == 0 and not resume:
+                runs.check_new_run_dir(self.out, overwrite=overwrite)
+            self._build(resume, train_split, eval_split, allow_data_change)
+        except BaseException:
+            self.close()  # a failed start leaves the run directory free for the next try
+            raise
+
+    def _build(self, resume: bool, train_split: Any, eval_split: Any, allow_data_change: bool) -> None:
+        cfg = self.cfg
         state = runs.read_state(self.out, ("position", "param_groups")) if resume else None
+        self.fingerprint = runs.data_fingerprint(cfg.data) if train_split is None else None
+        if state is not None:
+            self._check_same_data(state[1].get("data_fingerprint"), allow_data_change)
         torch.manual_seed(cfg.seed)
 
         self.train_split = train_split if train_split is not None else self.task.load_split(
@@ -247,10 +277,19 @@ class Trainer:
         if resume:
             self.model = self.task.load_model(self.out, device=self.device).train()
         else:
+            check_fits_in_memory(lambda: self.task.build_model(cfg.model, self.train_split), copies=4,
+                                 what="training this model (weights, gradients, two AdamW moments)")
             self.model = self.task.build_model(cfg.model, self.train_split).to(self.device)
+        # Every split the run uses is read before the first step: a broken test split fails now, not
+        # after the last epoch.
+        self.eval_split = eval_split
+        if self.eval_split is None and self.rank == 0:
+            self.eval_split = self.task.load_split(cfg.data, cfg.eval_split,
+                                                   image_size=self.task.image_size(self.model), progress=cfg.progress)
+        if self.rank == 0 and not resume:
+            runs.write_run_config(self.out, cfg.to_dict())
         self.batches = self.task.batches(self.model, self.train_split, batch_size=cfg.images_per_batch,
                                          seed=cfg.seed, rank=self.rank, world_size=self.world)
-        self.eval_split = eval_split
         self.forward_model: nn.Module = self.model
         if self.world > 1:
             # static_graph: the same parameters take part in every step, so DDP finds the ones a fusion
@@ -260,8 +299,9 @@ class Trainer:
         if cfg.compile:
             self.forward_model = torch.compile(self.forward_model)
         self.optimizer = make_optimizer(self.model, cfg)
-        self.precision = state[1].get("precision") if state else None
-        self.precision = self.precision or self._choose_precision()
+        saved = state[1].get("precision") if state else None
+        # A resumed run keeps its precision, on whatever device it continues (fp16 needs a GPU).
+        self.precision = resolve_precision(saved, self.device) if saved else self._choose_precision()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         # Reading the loss on the host waits for the device: on CPU that is free, on a GPU it is done
         # every few steps only (the NaN check and the progress bar then see a window of steps).
@@ -271,6 +311,15 @@ class Trainer:
             self._load_state(*state)
 
     # ------------------------------------------------------------------------------------------
+    def _check_same_data(self, saved: str | None, allow_change: bool) -> None:
+        if saved is None or self.fingerprint is None or saved == self.fingerprint:
+            return
+        message = (f"{self.cfg.data}: the dataset changed since this run was checkpointed (fingerprint "
+                   f"{saved} -> {self.fingerprint})")
+        if not allow_change:
+            raise runs.RunDirError(f"{message}; resume it anyway with --allow-data-change")
+        log.warning("%s; resuming anyway", message)
+
     def _set_threads(self, saved: int | None) -> int:
         if self.device.type != "cpu":
             return torch.get_num_threads()
@@ -286,17 +335,37 @@ class Trainer:
         return threads
 
     def _choose_precision(self) -> str:
-        """``cfg.precision`` resolved; for ``auto`` on a CPU with native bf16, the faster of fp32 and bf16."""
+        """``cfg.precision`` resolved; for ``auto`` on a CPU with native bf16, the faster of fp32 and bf16.
+
+        Native bf16 units do not make every model faster (small matrices, autocast's casts), so the first
+        run of a model on such a CPU times a few real steps both ways and keeps the faster: ``auto`` is never
+        slower than fp32. The choice is remembered per CPU, thread count and model settings
+        (``$MMFUSE_CACHE/precision.json``), so later runs of the same command choose alike and repeat exactly.
+        """
         precision = resolve_precision(self.cfg.precision, self.device)
         if (self.cfg.precision != "auto" or self.device.type != "cpu" or cpu_bf16_support() == "none"
                 or self.world > 1):  # ranks must agree, and each would time its own steps
             return precision
-        # Native bf16 units do not make every model faster (small matrices, autocast's casts): time a
-        # few real steps both ways and keep the faster, so that auto is never slower than fp32.
+        key = json.dumps([_cpu_name(), torch.__version__, self.threads, self.cfg.task, self.cfg.images_per_batch,
+                          self.model.config.to_dict() if hasattr(self.model, "config") else None], sort_keys=True)
+        key = hashlib.sha256(key.encode()).hexdigest()[:16]
+        cache = default_cache_dir() / "precision.json"
+        try:
+            known = json.loads(cache.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            known = {}
+        if known.get(key) in ("fp32", "bf16"):
+            log.info("precision auto: %s (measured earlier on this CPU for this model, %s)", known[key], cache)
+            return known[key]
         timings = {p: self._time_steps(p) for p in ("fp32", "bf16")}
         chosen = min(timings, key=timings.__getitem__)
         log.info("precision auto: %s (a training step took %.1f ms in fp32, %.1f ms in bf16 on this CPU)",
                  chosen, 1e3 * timings["fp32"], 1e3 * timings["bf16"])
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cache, json.dumps({**known, key: chosen}, indent=1) + "\n")
+        except OSError as e:  # a read-only home: measure again next time
+            log.debug("precision choice not cached: %s", e)
         return chosen
 
     def _time_steps(self, precision: str, repeats: int = 3) -> float:
@@ -322,8 +391,12 @@ class Trainer:
         return batch.to(self.device) if self.device.type != "cpu" else batch
 
     # ------------------------------------------------------------------------------------------
-    def save_checkpoint(self) -> None:
-        """Model files + training state, each file atomically; the state file is written last."""
+    def save_checkpoint(self, pending_row: dict[str, Any] | None = None) -> None:
+        """Model files + training state, each file atomically; the state file is written last.
+
+        ``pending_row`` is the metrics row of the epoch this checkpoint ends, kept in the state until it is
+        in ``metrics.jsonl``: a run killed in between writes it on resume.
+        """
         if self.rank != 0:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -336,13 +409,12 @@ class Trainer:
         tensors.update({f"model.{k}": v for k, v in self.model.state_dict().items()})
         meta = {"position": dataclasses.asdict(self.pos), "param_groups": opt["param_groups"],
                 "precision": self.precision, "threads": self.threads, "world_size": self.world,
-                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "data_fingerprint": self.fingerprint, "pending_row": pending_row}
         runs.write_state(self.out, tensors, meta)
 
     def _load_state(self, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
         path = self.out / runs.STATE_NAME
-        if self.rank == 0:
-            runs.remove_temp_files(self.out)
         model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         load_checked(self.model, model_state, path)
         state: dict[int, dict[str, Any]] = {}
@@ -364,7 +436,12 @@ class Trainer:
         if meta.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(meta["scaler"])
         runs.set_rng_state(tensors)
-        runs.truncate_metrics(self.out, self.pos.epoch)
+        if self.rank == 0:
+            runs.remove_temp_files(self.out)
+            rows = runs.truncate_metrics(self.out, self.pos.epoch)
+            pending = meta.get("pending_row")
+            if pending and not self.pos.step_in_epoch and (not rows or rows[-1]["epoch"] < pending["epoch"]):
+                self._finish_row(pending)  # killed after the epoch's checkpoint, before its row
         log.info("resuming %s at epoch %d, step %d", self.out, self.pos.epoch + 1, self.pos.step_in_epoch)
 
     # ------------------------------------------------------------------------------------------
@@ -401,15 +478,20 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            runs.write_run_config(self.out, cfg.to_dict())
         last: dict[str, Any] = {}
-        while self.pos.epoch < cfg.epochs:
-            last = self._train_epoch()
-        if self.world > 1:
-            dist.barrier()
+        try:
+            while self.pos.epoch < cfg.epochs:
+                last = self._train_epoch()
+            if self.world > 1:
+                dist.barrier()
+        finally:
+            self.close()
         return last
+
+    def close(self) -> None:
+        """Release the run directory (``fit`` does this when it ends)."""
+        if self._lock is not None:
+            self._lock.release()
 
     def _check_finite(self, loss: torch.Tensor, first_step: int) -> None:
         """Raise :class:`TrainingDiverged` if the summed loss of global steps ``first_step``.. is not finite."""
@@ -463,18 +545,21 @@ class Trainer:
                                "train_accuracy": correct / max(seen, 1), "seconds": seconds,
                                "questions_per_second": (seen - done_before * self.world) / seconds}
         self.pos = _Position(epoch + 1, 0, pos.global_step)
-        is_last = self.pos.epoch == cfg.epochs
-        if self.rank == 0 and (is_last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-            result = self.evaluate()
-            row.update({f"{cfg.eval_split}_{k}": v for k, v in result.items()})
+        # The checkpoint comes first, holding the row until it is in metrics.jsonl: a kill (or a broken
+        # evaluation) after it loses neither the epoch nor its row.
+        self.save_checkpoint(pending_row=row)
         if self.rank == 0:
-            # The row goes first: a kill before the checkpoint lands leaves a row that resume drops
-            # (runs.truncate_metrics) and writes again, whereas the other order could lose it.
-            runs.append_metrics(self.out, row)
-        self.save_checkpoint()
-        if self.rank == 0:
+            row = self._finish_row(row)
             log.info("epoch %d/%d %s", epoch + 1, cfg.epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+        return row
+
+    def _finish_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Evaluate if ``row``'s epoch is one to evaluate, and append the row to metrics.jsonl."""
+        cfg, epoch = self.cfg, row["epoch"]
+        if epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0):
+            row = {**row, **{f"{cfg.eval_split}_{k}": v for k, v in self.evaluate().items()}}
+        runs.append_metrics(self.out, row)
         return row
 
     def _all_ranks_sum(self, *values: float) -> list[float]:
@@ -490,13 +575,17 @@ def train(cfg: TrainConfig, **kwargs: Any) -> dict[str, Any]:
     return Trainer(cfg, **kwargs).fit()
 
 
-def resume(run_dir: str | os.PathLike, *, device: str | torch.device | None = None,
+def resume(run_dir: str | os.PathLike, *, device: str | torch.device | None = None, allow_data_change: bool = False,
            **overrides: Any) -> dict[str, Any]:
-    """Continue the run in ``run_dir`` with its own settings (``overrides``: e.g. progress)."""
+    """Continue the run in ``run_dir`` with its own settings (``overrides``: e.g. progress).
+
+    A dataset that changed since the run was checkpointed is refused unless ``allow_data_change``."""
+    if Path(run_dir).is_dir():  # another process's run: say so, rather than what its files lack yet
+        runs.RunLock(run_dir).release()
     d = runs.read_run_config(run_dir)
     d.update(overrides, out=str(run_dir))
     try:
         cfg = TrainConfig.from_dict(d)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{Path(run_dir) / runs.RUN_CONFIG}: {e}") from e
-    return Trainer(cfg, resume=True, device=device).fit()
+    return Trainer(cfg, resume=True, device=device, allow_data_change=allow_data_change).fit()

@@ -179,3 +179,27 @@ def test_bad_arguments():
         ImageGroupedBatches(split, tokens, mask, answers, images_per_batch=0)
     with pytest.raises(ValueError, match="rank"):
         ImageGroupedBatches(split, tokens, mask, answers, rank=2, world_size=2)
+
+
+def test_an_image_with_more_questions_than_a_batch_holds_is_split_across_steps():
+    split = make_split([3, 100, 2, 1], size=2)
+    tokens, mask, answers = encoded(split)
+    batches = ImageGroupedBatches(split, tokens, mask, answers, images_per_batch=2, max_questions=20, seed=3)
+    seen: list[int] = []
+    for batch in batches.epoch(0):
+        assert len(batch) <= 20
+        # an image is gathered once per batch, whichever of its units the batch holds
+        assert batch.images.shape[0] == len(set(batch.images[:, 0, 0, 0].tolist()))
+        rows = batch.images[batch.image_index, 0, 0, 0]  # each question's image (its colour is its row)
+        assert rows.tolist() == split.image_index[batch.question_ids].tolist()
+        seen += batch.question_ids.tolist()
+    assert sorted(seen) == list(range(len(split))), "every question once per epoch"
+
+
+def test_without_oversized_images_the_cap_changes_nothing():
+    split = make_split([3, 5, 2, 4, 1, 6])
+    tokens, mask, answers = encoded(split)
+    capped = ImageGroupedBatches(split, tokens, mask, answers, images_per_batch=2, max_questions=12, seed=1)
+    plain = ImageGroupedBatches(split, tokens, mask, answers, images_per_batch=2, seed=1)
+    for a, b in zip(capped.epoch(0), plain.epoch(0), strict=True):
+        assert torch.equal(a.question_ids, b.question_ids) and torch.equal(a.images, b.images)

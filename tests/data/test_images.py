@@ -96,5 +96,6 @@ def test_load_images_stacks_in_order(tmp_path, write_image):
 
 def test_bad_size_rejected(tmp_path, write_image):
     path = write_image(tmp_path / "x.png")
-    with pytest.raises(ValueError, match="positive int"):
-        load_image(path, 0)
+    for size in (0, -3, 2049, 1.5):
+        with pytest.raises(ValueError, match=r"image_size must be an int in \[1, 2048\]"):
+            load_image(path, size)

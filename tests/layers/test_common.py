@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mmfuse.layers.common import FeedForward, check_tokens, concat_masks, masked_mean
+from mmfuse.layers.common import FeedForward, check_tokens, concat_masks, masked_mean, trust_inputs
 
 
 def test_masked_mean_averages_kept_tokens_only():
@@ -59,3 +59,17 @@ def test_gather_rows_matches_indexing_forward_and_backward():
     (ref,) = torch.autograd.grad(x[index], x, grad)
     torch.testing.assert_close(g, ref)
     assert torch.equal(gather_rows(torch.arange(5)[:, None], index), torch.arange(5)[index][:, None])
+
+
+def test_trust_inputs_switches_off_the_checks_of_a_layer_and_everything_inside():
+    from mmfuse.layers import AttentionBlock, AttentionPooling
+
+    pool = AttentionPooling(8, num_queries=2, num_heads=2, depth=2)
+    # standalone, the pooling checks its inputs; its blocks were trusted when it built them
+    assert pool.validate_inputs
+    assert all(not m.validate_inputs for m in pool.blocks.modules() if hasattr(m, "validate_inputs"))
+    with pytest.raises(ValueError, match=r"x must have shape \(B, N, 8\), got \(2, 3, 7\)"):
+        pool(torch.randn(2, 3, 7))
+    block = AttentionBlock(8, context_dim=6, num_heads=2)
+    trust_inputs(block)
+    assert not block.validate_inputs and not block.cross_attn.validate_inputs and not block.self_attn.validate_inputs

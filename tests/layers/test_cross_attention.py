@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from mmfuse.attention import IMPLS
+from mmfuse.attention import AttentionConfig
 from mmfuse.layers import AttentionBlock, CrossAttention
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -89,15 +89,23 @@ def test_dropout_acts_in_training():
     ("impl", "options"),
     [("chunked", {"block_q": 2, "block_k": 3}), ("local", {"window": 15})],  # window covers all 7 keys
 )
-def test_attn_options_reach_the_attention(impl, options):
-    if impl not in IMPLS:
-        pytest.skip(f"impl {impl!r} not available")
-    layer = CrossAttention(16, 24, num_heads=4, impl=impl, attn_options=options).eval()
-    assert layer.attn.impl == impl and layer.attn.options == options
+def test_attention_config_reaches_the_attention(impl, options):
+    config = AttentionConfig(impl, **options)
+    layer = CrossAttention(16, 24, num_heads=4, impl=config).eval()
+    assert layer.attn.impl == impl and layer.attn.options == options and layer.attn.config == config
     reference = CrossAttention(16, 24, num_heads=4, impl="math").eval()
     reference.load_state_dict(layer.state_dict())
     x, context = torch.randn(3, 5, 16), torch.randn(3, 7, 24)
     assert_close(layer(x, context, context_mask=MASK)[0], reference(x, context, context_mask=MASK)[0])
+
+
+def test_lowrank_config_sizes_the_projections_by_max_len():
+    layer = CrossAttention(16, 24, num_heads=4, impl=AttentionConfig("lowrank", rank=3).for_keys(7))
+    assert layer.attn.proj_k.shape == (3, 7)
+    out, _ = layer(torch.randn(3, 5, 16), torch.randn(3, 7, 24), context_mask=MASK)
+    assert out.shape == (3, 5, 16) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="needs rank= and max_len="):
+        CrossAttention(16, 24, num_heads=4, impl=AttentionConfig("lowrank", rank=3))
 
 
 def test_weights_rows_sum_to_one_over_kept_keys():

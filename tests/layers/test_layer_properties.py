@@ -20,8 +20,8 @@ from torch.testing import assert_close
 from mmfuse.layers import (
     AttentionBlock,
     AttentionPooling,
+    CoAttention,
     CrossAttention,
-    FusionTransformer,
     GatedCrossAttention,
     ModalitySelfAttention,
 )
@@ -100,7 +100,7 @@ CASES = {
         lambda m, a: m(a["x"], a["context"], context_mask=a["context_mask"])[0],
     ),
     "fusion_transformer": Case(
-        lambda impl: FusionTransformer(3, 5, dim=6, num_heads=2, depth=2, mlp_ratio=1.0, impl=impl),
+        lambda impl: CoAttention(3, 5, dim=6, num_heads=2, depth=2, mlp_ratio=1.0, impl=impl),
         {"text": (3, 3, "text_mask"), "image": (4, 5, "image_mask")},
         {"text_mask": padding_mask(3, (2, 3)), "image_mask": padding_mask(4, (4, 1))},
         lambda m, a: _masked(

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from mmfuse.attention import AttentionConfig
 from mmfuse.io import CheckpointError
 from mmfuse.layers.cross_attention import CrossAttention
 from mmfuse.models.vgg import VGGCrossAttention, VGGCrossAttentionConfig
@@ -175,3 +176,19 @@ def test_dropout_only_in_training():
     assert not torch.allclose(model(images, context), model(images, context))  # attention dropout
     model.eval()
     torch.testing.assert_close(model(images, context), model(images, context))
+
+
+def test_cross_attention_takes_one_attention_config():
+    config = AttentionConfig("local", window=3, num_global=1)
+    model = VGGCrossAttention(4, depth=11, width=0.125, context_dim=6, num_heads=2, levels=(4, 5), image_size=32,
+                              impl=config).eval()
+    assert model.config.attention == config
+    assert [level.attn.attn.config for level in model.cross_attention.values()] == [config, config]
+    assert VGGCrossAttentionConfig.from_dict(model.config.to_dict()) == model.config
+    images, context = torch.randn(2, 3, 32, 32), torch.randn(2, 5, 6)
+    assert torch.isfinite(model(images, context)).all()
+    lowrank = VGGCrossAttention(4, depth=11, width=0.125, context_dim=6, num_heads=2, image_size=32,
+                                impl="lowrank", rank=2, max_context_tokens=5)
+    assert lowrank.cross_attention["5"].attn.attn.proj_k.shape == (2, 5)
+    with pytest.raises(ValueError, match="needs max_context_tokens"):
+        VGGCrossAttention(4, context_dim=6, impl="lowrank", rank=2)

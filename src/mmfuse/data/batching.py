@@ -74,6 +74,10 @@ class ImageGroupedBatches:
 
     ``tokens`` and ``text_mask`` are the whole split's encoded questions, ``(N, L_max)``; each batch is
     trimmed to its longest question.
+
+    A batch holds at most ``max_questions`` questions: an image with more than ``max_questions //
+    images_per_batch`` questions is split into several units of that many, batched like separate images
+    (each batch still encodes an image once). Without such images the batches are exactly the per-image ones.
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class ImageGroupedBatches:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        max_questions: int = 4096,
     ) -> None:
         n = len(split)
         if (tokens.dim() != 2 or tokens.shape[0] != n or tokens.shape[1] < 1
@@ -101,6 +106,8 @@ class ImageGroupedBatches:
             raise ValueError(f"answers must be (N,) = ({n},), got {tuple(answers.shape)}")
         if images_per_batch < 1:
             raise ValueError(f"images_per_batch must be >= 1, got {images_per_batch}")
+        if max_questions < 1:
+            raise ValueError(f"max_questions must be >= 1, got {max_questions}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
 
@@ -120,40 +127,59 @@ class ImageGroupedBatches:
         self._counts = np.bincount(image_index, minlength=split.images.shape[0])  # (M,)
         self._offsets = np.cumsum(self._counts) - self._counts  # (M,)
         self._question_order = np.argsort(image_index, kind="stable")  # (N,)
-        self._used_images = torch.from_numpy(np.flatnonzero(self._counts))  # (M_used,) images with questions
+        # Units: (image, first question, questions) with at most `per_unit` questions each; one per image
+        # unless an image has more questions than that.
+        per_unit = max(1, max_questions // images_per_batch)
+        used = np.flatnonzero(self._counts)  # (M_used,) images with questions
+        chunks = -(-self._counts[used] // per_unit)  # (M_used,) units of each image
+        self._unit_image = np.repeat(used, chunks)  # (U,)
+        first_unit = np.cumsum(chunks) - chunks
+        self._unit_start = (np.arange(len(self._unit_image)) - np.repeat(first_unit, chunks)) * per_unit  # (U,)
+        self._unit_count = np.minimum(self._counts[self._unit_image] - self._unit_start, per_unit)  # (U,)
+        self._units = torch.arange(len(self._unit_image))
         # One past the last real token of each question, to trim each batch to its longest question.
         self._text_end = (self._text_mask * np.arange(1, tokens.shape[1] + 1)).max(1, initial=1)  # (N,)
 
-        self._images_per_rank = len(self._used_images) // world_size
+        self._units_per_rank = len(self._units) // world_size
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
-        full, rest = divmod(self._images_per_rank, self.images_per_batch)
+        full, rest = divmod(self._units_per_rank, self.images_per_batch)
         return full + (1 if rest and not self.drop_last else 0)
 
-    def image_order(self, epoch: int) -> Tensor:
-        """This rank's image rows for ``epoch``, in batch order."""
-        used = self._used_images
+    def unit_order(self, epoch: int) -> Tensor:
+        """This rank's units for ``epoch``, in batch order (see the class docstring)."""
+        units = self._units
         if self.shuffle:
             generator = torch.Generator().manual_seed(_mix(self.seed, epoch))
-            used = used[torch.randperm(len(used), generator=generator)]
-        return used[: self._images_per_rank * self.world_size][self.rank :: self.world_size]
+            units = units[torch.randperm(len(units), generator=generator)]
+        return units[: self._units_per_rank * self.world_size][self.rank :: self.world_size]
+
+    def image_order(self, epoch: int) -> Tensor:
+        """The image row of each of this rank's units for ``epoch``, in batch order (one per image unless an
+        image has more questions than a unit holds)."""
+        return torch.from_numpy(self._unit_image[self.unit_order(epoch).numpy()])
 
     def epoch(self, epoch: int, *, start: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch`` from batch ``start`` on."""
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
-        order = self.image_order(epoch).numpy()
+        order = self.unit_order(epoch).numpy()
         size = self.images_per_batch
         for b in range(start, len(self)):
             yield self._batch(order[b * size : (b + 1) * size])
 
-    def _batch(self, image_rows: np.ndarray) -> Batch:
-        counts = self._counts[image_rows]  # (I,)
-        local_image = np.repeat(np.arange(len(image_rows)), counts)  # (Q,) 0,0,..,1,1,..: image within batch
-        run_start = np.cumsum(counts) - counts  # (I,) where each image's questions begin among the Q
-        within = np.arange(len(local_image)) - run_start[local_image]  # (Q,) rank among its image's questions
-        question_ids = self._question_order[self._offsets[image_rows][local_image] + within]  # (Q,)
+    def _batch(self, units: np.ndarray) -> Batch:
+        counts = self._unit_count[units]  # (u,)
+        # Several units of one image share its row: each image is gathered (and encoded) once per batch.
+        image_rows, unit_image = np.unique(self._unit_image[units], return_inverse=True)  # (I,), (u,)
+        if len(image_rows) == len(units):  # the usual case: keep the units' order
+            image_rows, unit_image = self._unit_image[units], np.arange(len(units))
+        local_image = np.repeat(unit_image, counts)  # (Q,) image within the batch
+        run_start = np.cumsum(counts) - counts  # (u,) where each unit's questions begin among the Q
+        unit_of = np.repeat(np.arange(len(units)), counts)  # (Q,)
+        within = np.arange(len(local_image)) - run_start[unit_of] + self._unit_start[units][unit_of]  # (Q,)
+        question_ids = self._question_order[self._offsets[self._unit_image[units]][unit_of] + within]  # (Q,)
         length = int(self._text_end[question_ids].max())
         images = self._images[image_rows].reshape(len(image_rows), *self.split.images.shape[1:])
         return Batch(

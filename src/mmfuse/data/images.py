@@ -46,9 +46,12 @@ class DataError(ValueError):
         self.path = None if path is None else str(path)
 
 
+MAX_IMAGE_SIZE = 2048  # decoded images are held as (3, S, S) uint8: 12 MiB each at this size
+
+
 def _check_size(size: int) -> None:
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"image size must be a positive int, got {size!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be an int in [1, {MAX_IMAGE_SIZE}], got {size!r}")
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

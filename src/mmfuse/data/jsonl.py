@@ -85,13 +85,18 @@ def load_jsonl_split(
 
 
 def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """The non-blank lines of ``path`` with their 1-based numbers."""
+    """The non-blank lines of ``path`` with their 1-based numbers; a line that is not UTF-8 is named."""
     try:
-        with path.open(encoding="utf-8-sig") as f:
-            for n, line in enumerate(f, start=1):
+        with path.open("rb") as f:
+            for n, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path} line {n}: not UTF-8 text (byte {e.start + 1} of the line: "
+                                    f"{raw[e.start:e.start + 1]!r})", path=path) from e
                 if line.strip():
                     yield n, line
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise DataError(f"{path}: cannot read ({e})", path=path) from e
 
 
@@ -99,8 +104,9 @@ def _parse_line(path: Path, n: int, line: str, base: Path) -> _Example:
     where = f"{path} line {n}"
     try:
         obj: Any = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: invalid JSON: {e}", path=path) from e
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:  # ValueError: an integer of 5,000 digits
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise DataError(f"{where}: invalid JSON: {reason}", path=path) from e
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}", path=path)
     for key in ("image", "question", "answer"):
@@ -118,14 +124,25 @@ def _parse_line(path: Path, n: int, line: str, base: Path) -> _Example:
 def _resolve_image(where: str, path: Path, image: str, base: Path) -> Path:
     if not image:
         raise DataError(f"{where}: 'image' is empty", path=path)
+    if "\0" in image or len(image) > 4096:
+        raise DataError(f"{where}: image path {image[:60]!r}... is not a file path (NUL byte, or over 4096 "
+                        "characters)", path=path)
     if PurePosixPath(image).is_absolute() or PureWindowsPath(image).anchor:  # "/x", "C:\\x", "C:x"
         raise DataError(f"{where}: image path {image!r} must be relative to the dataset directory", path=path)
     normal = os.path.normpath(image)
     if normal == ".." or normal.startswith(".." + os.sep):
         raise DataError(f"{where}: image path {image!r} leads outside the dataset directory", path=path)
-    file = (base / normal).resolve()
-    if not file.is_file():
+    try:
+        file = (base / normal).resolve()
+        found = file.is_file()
+    except OSError as e:  # a name too long for the file system
+        raise DataError(f"{where}: image path {image[:60]!r}: {e.strerror}", path=path) from e
+    if not found:
         raise DataError(f"{where}: image file {image!r} not found ({file})", path=path)
+    # A symbolic link is followed only as far as the dataset directory: one pointing outside is refused.
+    if not file.is_relative_to(base.resolve()):
+        raise DataError(f"{where}: image path {image!r} is a link to {file}, outside the dataset directory",
+                        path=path)
     return file
 
 

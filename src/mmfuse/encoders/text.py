@@ -17,9 +17,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from mmfuse.data.vocab import WordTokenizer
-from mmfuse.layers import AttentionBlock
-from mmfuse.layers.cross_attention import apply_blocks
+from mmfuse.attention import AttentionConfig
+from mmfuse.encoders.tokenizer import WordTokenizer
+from mmfuse.layers.common import trust_inputs
+from mmfuse.layers.cross_attention import AttentionBlock, apply_blocks
 
 __all__ = ["TransformerTextEncoder"]
 
@@ -28,10 +29,12 @@ class TransformerTextEncoder(nn.Module):
     """Word embeddings + learned positions + ``depth`` pre-norm self-attention blocks + LayerNorm.
 
     ``depth=0`` gives bag-of-embeddings-with-positions, enough when the fusion itself attends.
+    ``impl`` is the attention implementation (a name or an :class:`~mmfuse.attention.AttentionConfig`);
+    ``lowrank``'s projections cover ``max_length`` tokens.
     """
 
     def __init__(self, tokenizer: WordTokenizer, *, dim: int = 128, depth: int = 1, num_heads: int = 4,
-                 max_length: int = 32, dropout: float = 0.1, impl: str = "auto") -> None:
+                 max_length: int = 32, dropout: float = 0.1, impl: str | AttentionConfig = "auto") -> None:
         super().__init__()
         if depth < 0:
             raise ValueError(f"depth must be >= 0, got {depth}")
@@ -42,8 +45,10 @@ class TransformerTextEncoder(nn.Module):
         self.pos = nn.Parameter(torch.empty(max_length, dim))
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            AttentionBlock(dim, num_heads=num_heads, dropout=dropout, impl=impl) for _ in range(depth)
+            AttentionBlock(dim, num_heads=num_heads, dropout=dropout, impl=impl, max_tokens=max_length)
+            for _ in range(depth)
         )
+        trust_inputs(self.blocks)  # forward checks ids and mask once
         self.norm = nn.LayerNorm(dim)
         self.init_weights()
 
@@ -60,6 +65,8 @@ class TransformerTextEncoder(nn.Module):
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
         if ids.dim() != 2 or tuple(mask.shape) != tuple(ids.shape):
             raise ValueError(f"ids and mask must both be (B, L), got {tuple(ids.shape)} and {tuple(mask.shape)}")
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor (True = real token), got dtype {mask.dtype}")
         L = ids.shape[1]
         if L > self.max_length:
             raise ValueError(f"ids have {L} tokens, more than max_length={self.max_length}")

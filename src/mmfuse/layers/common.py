@@ -22,6 +22,7 @@ __all__ = [
     "gather_rows",
     "init_linear",
     "masked_mean",
+    "trust_inputs",
 ]
 
 
@@ -42,12 +43,29 @@ def check_mask(mask: Tensor | None, x: Tensor, name: str) -> None:
 
 
 def check_context_index(index: Tensor, batch: int, num_contexts: int) -> None:
-    """Raise ``ValueError`` unless ``index`` is an int64 (batch,) tensor of rows in [0, num_contexts)."""
+    """Raise ``ValueError`` unless ``index`` is an int64 (batch,) tensor of rows in [0, num_contexts).
+
+    Reading the range back makes the host wait for the device once, so models and fusions call this at
+    their entry only, never in a block.
+    """
     if index.dtype != torch.long or tuple(index.shape) != (batch,):
         raise ValueError(f"context_index must be int64 of shape ({batch},), got {index.dtype} {tuple(index.shape)}")
-    if batch and not (0 <= int(index.min()) and int(index.max()) < num_contexts):
+    if batch and bool(((index < 0) | (index >= num_contexts)).any()):  # one read-back, not two
         raise ValueError(f"context_index values must be in [0, {num_contexts}), got "
                          f"[{int(index.min())}, {int(index.max())}]")
+
+
+def trust_inputs(*modules: nn.Module) -> None:
+    """Switch off the input checks of ``modules`` and of every layer inside them.
+
+    A layer checks the shapes of what it is given (``validate_inputs``, True by default) so that a
+    mistake names the shapes. Inside a fusion or a stack the owner has checked the inputs once at its
+    entry, and its blocks build each other's inputs, so checking again in every block only costs time.
+    """
+    for module in modules:
+        for m in module.modules():
+            if hasattr(m, "validate_inputs"):
+                m.validate_inputs = False
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
@@ -59,7 +77,9 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """
     if not x.is_floating_point() or x.shape[0] > 4096:
         return x.index_select(0, index)
-    one_hot = torch.nn.functional.one_hot(index, x.shape[0]).to(x.dtype)  # (B, I)
+    # A comparison, not F.one_hot, which reads the index range back to the host on every call; the
+    # range is checked once where the index enters (check_context_index).
+    one_hot = (index[:, None] == torch.arange(x.shape[0], device=index.device)).to(x.dtype)  # (B, I)
     return (one_hot @ x.reshape(x.shape[0], -1)).reshape(index.shape[0], *x.shape[1:])
 
 

@@ -25,8 +25,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mmfuse.attention import Attention, KVCache
-from mmfuse.layers.common import FeedForward, check_context_index, check_mask, check_tokens, gather_rows, init_linear
+from mmfuse.attention import Attention, AttentionConfig, KVCache
+from mmfuse.layers.common import (
+    FeedForward,
+    check_context_index,
+    check_mask,
+    check_tokens,
+    gather_rows,
+    init_linear,
+    trust_inputs,
+)
 
 __all__ = ["AttentionBlock", "CrossAttention", "apply_blocks"]
 
@@ -36,16 +44,21 @@ class CrossAttention(nn.Module):
 
     ``dim`` is the total width of the attention (``num_heads`` heads of ``dim // num_heads``) and
     defaults to ``query_dim``. ``dropout`` drops attention probabilities in training, as
-    ``torch.nn.MultiheadAttention`` does. ``impl`` and ``attn_options`` choose the attention
-    implementation (see :mod:`mmfuse.attention`).
+    ``torch.nn.MultiheadAttention`` does. ``impl`` is the attention implementation: a name or an
+    :class:`~mmfuse.attention.AttentionConfig` (for ``lowrank`` one whose ``max_len`` covers the context).
 
     A sample whose context is entirely masked gets an output of zeros (not ``out_proj.bias``): no
     context, no message, so a residual block adds nothing for it.
+
+    ``validate_inputs`` (default True) checks shapes, masks and ``context_index`` on every call; the
+    layers and fusions that own this one switch it off and check once at their own entry.
     """
+
+    validate_inputs: bool = True
 
     def __init__(self, query_dim: int, context_dim: int, *, dim: int | None = None, num_heads: int = 8,
                  out_dim: int | None = None, qkv_bias: bool = True, dropout: float = 0.0,
-                 impl: str = "auto", attn_options: dict | None = None) -> None:
+                 impl: str | AttentionConfig = "auto") -> None:
         super().__init__()
         dim = query_dim if dim is None else dim
         if num_heads < 1 or dim % num_heads != 0:
@@ -59,7 +72,7 @@ class CrossAttention(nn.Module):
         self.q_proj = nn.Linear(query_dim, dim, bias=qkv_bias)
         self.k_proj = nn.Linear(context_dim, dim, bias=qkv_bias)
         self.v_proj = nn.Linear(context_dim, dim, bias=qkv_bias)
-        self.attn = Attention(impl=impl, dropout=dropout, **(attn_options or {}))
+        self.attn = Attention(impl=impl, dropout=dropout)
         self.out_proj = nn.Linear(dim, self.out_dim)
         self.init_weights()
 
@@ -70,12 +83,17 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, context: Tensor, *, context_mask: Tensor | None = None,
                 context_index: Tensor | None = None, need_weights: bool = False, causal: bool = False,
                 cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
-        check_tokens(x, self.query_dim, "x", seq="Nq")
-        B, Nq, _ = x.shape
-        check_tokens(context, self.context_dim, "context", batch=None if context_index is not None else B, seq="Nk")
-        check_mask(context_mask, context, "context_mask")
+        if self.validate_inputs:
+            check_tokens(x, self.query_dim, "x", seq="Nq")
+            B = x.shape[0]
+            check_tokens(context, self.context_dim, "context", batch=None if context_index is not None else B,
+                         seq="Nk")
+            check_mask(context_mask, context, "context_mask")
+            if context_index is not None:
+                check_context_index(context_index, B, context.shape[0])
         if cache is not None and not cache.static and context_mask is not None:
             raise ValueError("a growing KVCache takes no context_mask (it would have to cover the cached keys)")
+        B, Nq, _ = x.shape
         I, Nk, _ = context.shape
         H, Dh = self.num_heads, self.head_dim
 
@@ -86,7 +104,6 @@ class CrossAttention(nn.Module):
             k = self.k_proj(context).view(I, Nk, H, Dh).transpose(1, 2)  # (I, H, Nk, Dh)
             v = self.v_proj(context).view(I, Nk, H, Dh).transpose(1, 2)  # (I, H, Nk, Dh)
             if context_index is not None:
-                check_context_index(context_index, B, I)
                 k, v = gather_rows(k, context_index), gather_rows(v, context_index)  # (B, H, Nk, Dh)
             if cache is not None:
                 k, v = cache.update(k, v)  # (B, H, N cached + Nk, Dh)
@@ -114,33 +131,46 @@ class AttentionBlock(nn.Module):
     ``forward(x, context=None, *, mask=None, context_mask=None, context_index=None, need_weights=False)``
     returns
     ``(x, weights)``: ``mask`` is the key-padding mask of ``x`` (for self-attention), and ``weights``
-    are those of the cross-attention when there is one, else of the self-attention. A decoder passes
-    ``causal=True`` and, when decoding step by step, a ``self_cache`` and a static ``cross_cache``
-    (:class:`~mmfuse.attention.KVCache`).
+    are those of the cross-attention when there is one, else of the self-attention.
+
+    ``impl`` serves both attentions; for ``lowrank`` give the longest sequences they attend over,
+    ``max_tokens`` (of ``x``, for self-attention) and ``max_context_tokens``, unless ``impl`` already
+    sets ``max_len``. The block checks its inputs once (``validate_inputs``), not in its sub-layers.
+
+    A decoder passes ``causal=True`` and, when decoding step by step, a ``self_cache`` and a static
+    ``cross_cache`` (:class:`~mmfuse.attention.KVCache`).
     """
+
+    validate_inputs: bool = True
 
     def __init__(self, dim: int, *, context_dim: int | None = None, self_attention: bool = True,
                  num_heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.0, gated: bool = False,
-                 impl: str = "auto", attn_options: dict | None = None) -> None:
+                 impl: str | AttentionConfig = "auto", max_tokens: int | None = None,
+                 max_context_tokens: int | None = None) -> None:
         super().__init__()
         if context_dim is None and not self_attention:
             raise ValueError("an AttentionBlock needs self-attention, cross-attention (context_dim) or both")
         self.dim = dim
         self.context_dim = context_dim
-        attn_kwargs = {"num_heads": num_heads, "dropout": dropout, "impl": impl, "attn_options": attn_options}
+        config = AttentionConfig.coerce(impl)
         cross = context_dim is not None
 
+        def attention(context_dim: int, max_len: int | None) -> CrossAttention:
+            keys = config if max_len is None else config.for_keys(max_len)
+            return CrossAttention(dim, context_dim, num_heads=num_heads, dropout=dropout, impl=keys)
+
         self.norm_self = nn.LayerNorm(dim) if self_attention else None
-        self.self_attn = CrossAttention(dim, dim, **attn_kwargs) if self_attention else None
+        self.self_attn = attention(dim, max_tokens) if self_attention else None
         self.norm_cross = nn.LayerNorm(dim) if cross else None
         self.norm_context = nn.LayerNorm(context_dim) if cross else None
-        self.cross_attn = CrossAttention(dim, context_dim, **attn_kwargs) if cross else None
+        self.cross_attn = attention(context_dim, max_context_tokens) if cross else None
         self.norm_ff = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, mlp_ratio=mlp_ratio, dropout=dropout)
         self.drop = nn.Dropout(dropout)
         self.gate_self = nn.Parameter(torch.zeros(1)) if gated and self_attention else None
         self.gate_cross = nn.Parameter(torch.zeros(1)) if gated and cross else None
         self.gate_ff = nn.Parameter(torch.zeros(1)) if gated else None
+        trust_inputs(*(m for m in (self.self_attn, self.cross_attn) if m is not None))
 
     def init_weights(self) -> None:
         """Gates back to zero; the attention and MLP layers initialise themselves."""
@@ -156,10 +186,8 @@ class AttentionBlock(nn.Module):
                 context_mask: Tensor | None = None, context_index: Tensor | None = None,
                 need_weights: bool = False, causal: bool = False, self_cache: KVCache | None = None,
                 cross_cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
-        check_tokens(x, self.dim, "x")
-        check_mask(mask, x, "mask")
-        if (context is None) != (self.cross_attn is None):
-            raise ValueError("context must be given exactly when the block has cross-attention (context_dim)")
+        if self.validate_inputs:
+            self.check_inputs(x, context, mask=mask, context_mask=context_mask, context_index=context_index)
         weights = None
         if self.self_attn is not None:
             h = self.norm_self(x)
@@ -167,8 +195,6 @@ class AttentionBlock(nn.Module):
                                         need_weights=need_weights and self.cross_attn is None)
             x = self._add(x, self.drop(h), self.gate_self)
         if self.cross_attn is not None:
-            check_tokens(context, self.context_dim, "context",
-                         batch=None if context_index is not None else x.shape[0], seq="Nk")
             # a full static cache already holds the projected context: skip its LayerNorm too
             ctx = context if cross_cache is not None and cross_cache.full else self.norm_context(context)
             h, weights = self.cross_attn(self.norm_cross(x), ctx, context_mask=context_mask,
@@ -176,6 +202,20 @@ class AttentionBlock(nn.Module):
             x = self._add(x, self.drop(h), self.gate_cross)
         x = self._add(x, self.ff(self.norm_ff(x)), self.gate_ff)
         return x, weights
+
+    def check_inputs(self, x: Tensor, context: Tensor | None = None, *, mask: Tensor | None = None,
+                     context_mask: Tensor | None = None, context_index: Tensor | None = None) -> None:
+        """Raise ``ValueError`` naming the shapes unless the arguments fit this block's forward."""
+        check_tokens(x, self.dim, "x")
+        check_mask(mask, x, "mask")
+        if (context is None) != (self.cross_attn is None):
+            raise ValueError("context must be given exactly when the block has cross-attention (context_dim)")
+        if context is not None:
+            check_tokens(context, self.context_dim, "context",
+                         batch=None if context_index is not None else x.shape[0], seq="Nk")
+            check_mask(context_mask, context, "context_mask")
+            if context_index is not None:
+                check_context_index(context_index, x.shape[0], context.shape[0])
 
 
 def apply_blocks(blocks: nn.ModuleList, x: Tensor, context: Tensor | None = None, *,

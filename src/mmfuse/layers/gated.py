@@ -14,6 +14,7 @@ the gates learn to open (Alayrac et al., 2022, "Flamingo").
 
 from __future__ import annotations
 
+from mmfuse.attention import AttentionConfig
 from mmfuse.layers.cross_attention import AttentionBlock
 
 __all__ = ["GatedCrossAttention"]
@@ -27,7 +28,8 @@ class GatedCrossAttention(AttentionBlock):
     """
 
     def __init__(self, dim: int, context_dim: int, *, num_heads: int = 8, mlp_ratio: float = 4.0,
-                 dropout: float = 0.0, impl: str = "auto", attn_options: dict | None = None) -> None:
+                 dropout: float = 0.0, impl: str | AttentionConfig = "auto",
+                 max_context_tokens: int | None = None) -> None:
         super().__init__(dim, context_dim=context_dim, self_attention=False, gated=True, num_heads=num_heads,
-                         mlp_ratio=mlp_ratio, dropout=dropout, impl=impl, attn_options=attn_options)
+                         mlp_ratio=mlp_ratio, dropout=dropout, impl=impl, max_context_tokens=max_context_tokens)
 

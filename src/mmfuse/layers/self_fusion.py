@@ -11,6 +11,9 @@ Shapes::
 Each modality is projected to ``dim`` (Linear + LayerNorm + Dropout) and tagged with a learned
 modality-type embedding; then every token attends to every kept token of either modality, so the
 weights show how much each token draws from each modality.
+
+``impl`` is the attention implementation (a name or an :class:`~mmfuse.attention.AttentionConfig`);
+``lowrank`` needs ``max_tokens``, the longest N = Ni + Nt, unless ``impl`` sets ``max_len`` itself.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mmfuse.layers.common import check_mask, check_tokens, concat_masks, init_linear
+from mmfuse.attention import AttentionConfig
+from mmfuse.layers.common import check_mask, check_tokens, concat_masks, init_linear, trust_inputs
 from mmfuse.layers.cross_attention import AttentionBlock, apply_blocks
 
 __all__ = ["ModalitySelfAttention", "ModalityTokens"]
@@ -30,6 +34,8 @@ class ModalityTokens(nn.Module):
     ``forward(image_tokens, text_tokens, *, image_mask=None, text_mask=None)`` returns
     ``(tokens (B, Ni + Nt, dim), mask (B, Ni + Nt) | None)``.
     """
+
+    validate_inputs: bool = True
 
     def __init__(self, image_dim: int, text_dim: int, *, dim: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -47,10 +53,11 @@ class ModalityTokens(nn.Module):
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
                 text_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        check_tokens(image_tokens, self.image_dim, "image_tokens", seq="Ni")
-        check_tokens(text_tokens, self.text_dim, "text_tokens", batch=image_tokens.shape[0], seq="Nt")
-        check_mask(image_mask, image_tokens, "image_mask")
-        check_mask(text_mask, text_tokens, "text_mask")
+        if self.validate_inputs:
+            check_tokens(image_tokens, self.image_dim, "image_tokens", seq="Ni")
+            check_tokens(text_tokens, self.text_dim, "text_tokens", batch=image_tokens.shape[0], seq="Nt")
+            check_mask(image_mask, image_tokens, "image_mask")
+            check_mask(text_mask, text_tokens, "text_mask")
         image = self.image_proj(image_tokens) + self.modality_embed[0]  # (B, Ni, dim)
         text = self.text_proj(text_tokens) + self.modality_embed[1]  # (B, Nt, dim)
         tokens = torch.cat([image, text], dim=1)  # (B, Ni + Nt, dim)
@@ -64,8 +71,8 @@ class ModalitySelfAttention(nn.Module):
     """
 
     def __init__(self, image_dim: int, text_dim: int, *, dim: int = 256, num_heads: int = 8, depth: int = 1,
-                 mlp_ratio: float = 4.0, dropout: float = 0.1, impl: str = "auto",
-                 attn_options: dict | None = None) -> None:
+                 mlp_ratio: float = 4.0, dropout: float = 0.1, impl: str | AttentionConfig = "auto",
+                 max_tokens: int | None = None) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
@@ -73,9 +80,10 @@ class ModalitySelfAttention(nn.Module):
         self.embed = ModalityTokens(image_dim, text_dim, dim=dim, dropout=dropout)
         self.blocks = nn.ModuleList(
             AttentionBlock(dim, num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout, impl=impl,
-                           attn_options=attn_options)
+                           max_tokens=max_tokens)
             for _ in range(depth)
         )
+        trust_inputs(self.blocks)  # the embedding step checks the inputs
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,

@@ -14,7 +14,9 @@ that serves any task (evaluate, predict, serve) loads a run directory without kn
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,11 +25,44 @@ from torch import nn
 
 from mmfuse.io import CheckpointError, atomic_write_text, load_weights, read_json, write_safetensors
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PretrainedModel", "model_types"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PretrainedModel", "available_memory", "check_fits_in_memory",
+           "model_types"]
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 _MODEL_TYPES: dict[str, type[PretrainedModel]] = {}
+
+log = logging.getLogger(__name__)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def check_fits_in_memory(build: Callable[[], nn.Module], *, copies: int = 1, what: str = "this model") -> None:
+    """Raise ``ValueError`` with the estimate if ``copies`` fp32 copies of the parameters ``build()`` makes
+    cannot fit in the available memory. The model is built on the meta device: nothing is allocated."""
+    try:
+        with torch.device("meta"):
+            model = build()
+    except (TypeError, ValueError):
+        raise
+    except Exception as e:
+        log.debug("memory estimate skipped: %s", e)
+        return
+    params = sum(p.numel() for p in model.parameters())
+    need, free = 4 * params * copies, available_memory()
+    if free is not None and need > free:
+        raise ValueError(f"{what} needs about {need / 2**30:.1f} GiB ({params / 1e6:,.0f}M parameters x {copies} "
+                         f"fp32 copies) but only {free / 2**30:.1f} GiB of memory is available; reduce the sizes")
 
 
 def model_types() -> list[str]:
@@ -53,6 +88,18 @@ class PretrainedModel(nn.Module):
     def save_extra(self, directory: Path) -> None:
         """Write files besides the config and the weights (called before the config is written)."""
 
+    def checkpoint_metadata(self) -> dict[str, str]:
+        """Strings stored in the weights file's metadata, checked again by :meth:`verify_metadata` on load
+        (e.g. a digest of the files :meth:`save_extra` writes, so an edited vocabulary cannot pass)."""
+        return {}
+
+    def verify_metadata(self, metadata: dict[str, str], directory: Path) -> None:
+        """Raise :class:`CheckpointError` where the loaded model disagrees with what it was saved with."""
+        for key, expected in self.checkpoint_metadata().items():
+            if key in metadata and metadata[key] != expected:
+                raise CheckpointError(f"{directory}: the files beside {WEIGHTS_NAME} were changed after it was "
+                                      f"saved ({key} differs: edited or reordered?)")
+
     @classmethod
     def from_config(cls, config: Any, directory: Path | None = None) -> PretrainedModel:
         """A freshly initialised model for ``config``; ``directory`` holds the files of :meth:`save_extra`."""
@@ -64,7 +111,8 @@ class PretrainedModel(nn.Module):
         with a config always has the files it describes."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        write_safetensors(directory / WEIGHTS_NAME, self.state_dict(), metadata={"model_type": self.model_type})
+        write_safetensors(directory / WEIGHTS_NAME, self.state_dict(),
+                          metadata={"model_type": self.model_type, **self.checkpoint_metadata()})
         self.save_extra(directory)
         config = {"model_type": self.model_type, **self.config.to_dict()}
         atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
@@ -93,10 +141,12 @@ class PretrainedModel(nn.Module):
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{config_path}: invalid model config: {e}") from e
         try:
+            check_fits_in_memory(lambda: target.from_config(config, directory), what=f"the model in {config_path}")
             model = target.from_config(config, directory)
         except CheckpointError:
             raise
         except (TypeError, ValueError) as e:  # a value of the wrong type, or extra files that do not fit
             raise CheckpointError(f"{config_path} and the files beside it do not describe one model: {e}") from e
-        load_weights(model, directory / WEIGHTS_NAME)
+        metadata = load_weights(model, directory / WEIGHTS_NAME)
+        model.verify_metadata(metadata, directory)
         return model.to(map_location if map_location is not None else device).eval()

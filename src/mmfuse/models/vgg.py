@@ -27,11 +27,11 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from mmfuse.attention import IMPLS
+from mmfuse.attention import IMPLS, AttentionConfig
 from mmfuse.encoders.vgg import VGG
 from mmfuse.encoders.vision import PositionalEmbedding2d, feature_map_to_tokens, tokens_to_feature_map
 from mmfuse.io import dataclass_from_dict
-from mmfuse.layers.common import check_tokens, init_linear
+from mmfuse.layers.common import check_mask, check_tokens, init_linear, trust_inputs
 from mmfuse.layers.cross_attention import CrossAttention
 from mmfuse.models.base import PretrainedModel
 
@@ -48,6 +48,9 @@ class VGGCrossAttentionConfig:
     ``dropout`` is the classifier MLP's; ``attn_dropout`` drops attention probabilities and the
     attention output before it joins the residual stream (the source's "dropout after attention").
     ``hidden_dim`` is the classifier MLP's hidden width (default: the last block's channels).
+    ``impl`` and the options after it make the :class:`~mmfuse.attention.AttentionConfig` of every
+    cross-attention level (:attr:`attention`); ``lowrank`` needs ``max_context_tokens``, the longest
+    context, which the model cannot know from its own inputs.
     """
 
     num_classes: int
@@ -62,6 +65,12 @@ class VGGCrossAttentionConfig:
     impl: Literal["auto", "math", "chunked", "local", "lowrank"] = "auto"
     image_size: int = 224
     hidden_dim: int | None = None
+    window: int | None = None
+    num_global: int | None = None
+    block_q: int | None = None
+    block_k: int | None = None
+    rank: int | None = None
+    max_context_tokens: int | None = None
 
     def __post_init__(self) -> None:
         self.levels = tuple(self.levels)
@@ -85,10 +94,19 @@ class VGGCrossAttentionConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        self.attention  # noqa: B018 - raises for options impl does not take
+        if self.impl == "lowrank" and self.context_dim is not None and self.max_context_tokens is None:
+            raise ValueError("impl='lowrank' needs max_context_tokens (the longest context) to size its projections")
         if self.image_size < 32:
             raise ValueError(f"image_size must be >= 32 (5 VGG blocks halve it), got {self.image_size}")
         if self.hidden_dim is not None and self.hidden_dim < 1:
             raise ValueError(f"hidden_dim must be None or >= 1, got {self.hidden_dim}")
+
+    @property
+    def attention(self) -> AttentionConfig:
+        """The attention configuration of the cross-attention levels."""
+        return AttentionConfig(self.impl, window=self.window, num_global=self.num_global, block_q=self.block_q,
+                               block_k=self.block_k, rank=self.rank, max_len=self.max_context_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -111,7 +129,7 @@ class _LevelCrossAttention(nn.Module):
     """
 
     def __init__(self, dim: int, context_dim: int, grid: tuple[int, int], *, num_heads: int,
-                 attn_dropout: float, impl: str) -> None:
+                 attn_dropout: float, impl: AttentionConfig) -> None:
         super().__init__()
         self.pos_embed = PositionalEmbedding2d(dim, grid)
         self.attn = CrossAttention(dim, context_dim, num_heads=num_heads, dropout=attn_dropout, impl=impl)
@@ -131,8 +149,10 @@ class _LevelCrossAttention(nn.Module):
 class VGGCrossAttention(PretrainedModel):
     """VGG (11 or 16) whose feature maps cross-attend to context tokens after the blocks in ``levels``.
 
-    Args mirror :class:`VGGCrossAttentionConfig`. ``context_dim=None`` builds a plain VGG classifier
-    (no attention layers); it then refuses a context rather than silently ignoring it.
+    Args mirror :class:`VGGCrossAttentionConfig`; ``impl`` may also be an
+    :class:`~mmfuse.attention.AttentionConfig`, which sets the options after it. ``context_dim=None``
+    builds a plain VGG classifier (no attention layers); it then refuses a context rather than silently
+    ignoring it.
     """
 
     model_type = MODEL_TYPE
@@ -141,12 +161,22 @@ class VGGCrossAttention(PretrainedModel):
     def __init__(self, num_classes: int, *, depth: Literal[11, 16] = 16, batch_norm: bool = False,
                  width: float = 1.0, context_dim: int | None = None, num_heads: int = 8,
                  levels: tuple[int, ...] = (5,), dropout: float = 0.5, attn_dropout: float = 0.1,
-                 impl: str = "auto", image_size: int = 224, hidden_dim: int | None = None) -> None:
+                 impl: str | AttentionConfig = "auto", image_size: int = 224, hidden_dim: int | None = None,
+                 window: int | None = None, num_global: int | None = None, block_q: int | None = None,
+                 block_k: int | None = None, rank: int | None = None,
+                 max_context_tokens: int | None = None) -> None:
         super().__init__()
+        attention = {"window": window, "num_global": num_global, "block_q": block_q, "block_k": block_k,
+                     "rank": rank, "max_context_tokens": max_context_tokens}
+        if isinstance(impl, AttentionConfig):
+            given = {k: v for k, v in impl.to_dict().items() if k != "impl"}
+            given["max_context_tokens"] = given.pop("max_len", None)
+            attention.update({k: v for k, v in given.items() if v is not None})
+            impl = impl.impl
         cfg = VGGCrossAttentionConfig(
             num_classes=num_classes, depth=depth, batch_norm=batch_norm, width=width,
             context_dim=context_dim, num_heads=num_heads, levels=levels, dropout=dropout,
-            attn_dropout=attn_dropout, impl=impl, image_size=image_size, hidden_dim=hidden_dim,
+            attn_dropout=attn_dropout, impl=impl, image_size=image_size, hidden_dim=hidden_dim, **attention,
         )
         self.config = cfg
         self.backbone = VGG(cfg.depth, batch_norm=cfg.batch_norm, width=cfg.width, pos_embed=False)
@@ -162,9 +192,10 @@ class VGGCrossAttention(PretrainedModel):
                     )
                 self.cross_attention[str(level)] = _LevelCrossAttention(
                     dim, cfg.context_dim, self.backbone.grid(cfg.image_size, level),
-                    num_heads=cfg.num_heads, attn_dropout=cfg.attn_dropout, impl=cfg.impl,
+                    num_heads=cfg.num_heads, attn_dropout=cfg.attn_dropout, impl=cfg.attention,
                 )
 
+        trust_inputs(self.cross_attention)  # forward checks the context once, not at every level
         dim = self.backbone.out_dim
         hidden = cfg.hidden_dim or dim
         self.head = nn.Sequential(
@@ -192,17 +223,18 @@ class VGGCrossAttention(PretrainedModel):
         for level in self.cross_attention.values():
             yield from level.attn.parameters()
 
-    def _check_context(self, images: Tensor, context: Tensor) -> None:
+    def _check_context(self, images: Tensor, context: Tensor, context_mask: Tensor | None) -> None:
         if self.config.context_dim is None:
             raise ValueError("this model was built with context_dim=None (no attention): pass context=None")
         # A single vector per sample is a context of one token: context[:, None].
         check_tokens(context, self.config.context_dim, "context", batch=images.shape[0], seq="Nc")
+        check_mask(context_mask, context, "context_mask")
 
     def forward(self, images: Tensor, context: Tensor | None = None, *, context_mask: Tensor | None = None,
                 need_weights: bool = False) -> Tensor | tuple[Tensor, dict[int, Tensor]]:
         """Logits (B, num_classes); with ``need_weights``, also {block: (B, heads, h*w, Nc) weights}."""
         if context is not None:
-            self._check_context(images, context)
+            self._check_context(images, context, context_mask)
         elif context_mask is not None:
             raise ValueError("context_mask given without context")
         self.backbone.check_images(images)

@@ -15,6 +15,8 @@ easy-VQA about ten questions share an image, so this is the main saving of train
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +26,14 @@ import torch
 from torch import Tensor, nn
 
 from mmfuse import fusion as fusion_registry
-from mmfuse.data.vocab import AnswerVocab, WordTokenizer, load_vocab, save_vocab
+from mmfuse.attention import AttentionConfig
+from mmfuse.data.vocab import AnswerVocab, load_vocab, save_vocab
 from mmfuse.encoders.text import TransformerTextEncoder
+from mmfuse.encoders.tokenizer import WordTokenizer
 from mmfuse.encoders.vgg import VGG
 from mmfuse.encoders.vision import ConvEncoder
 from mmfuse.fusion import FusionOutput
-from mmfuse.io import CheckpointError, dataclass_from_dict
+from mmfuse.io import CheckpointError, check_bounds, dataclass_from_dict
 from mmfuse.layers import AttentionPooling
 from mmfuse.layers.common import gather_rows
 from mmfuse.models.base import PretrainedModel
@@ -45,6 +49,13 @@ def normalize_images(images: Tensor) -> Tensor:
     if images.dtype == torch.uint8:
         return images.float().mul_(1.0 / 63.75).sub_(2.0)  # (x / 255 - 0.5) / 0.25
     return images
+
+
+# Each size's plausible range: far beyond what the model needs, short of sizes that allocate for minutes.
+_BOUNDS = {"num_answers": (1, 1_000_000), "vocab_size": (0, 10_000_000), "image_size": (8, 2048),
+           "vgg_width": (1 / 64, 4), "pool_queries": (0, 4096), "text_dim": (1, 8192), "text_depth": (1, 64),
+           "text_heads": (1, 256), "max_length": (1, 8192), "dim": (1, 8192), "num_heads": (1, 256), "depth": (1, 64),
+           "dropout": (0, 0.99), "head_hidden": (0, 65536)}
 
 
 @dataclass
@@ -75,6 +86,13 @@ class VQAConfig:
     depth: int = 2
     dropout: float = 0.0  # easy-VQA needs none; dropout also costs ~15% of a CPU step
     impl: str = "auto"  # at VQA's short sequences (~11 question tokens, 64 image tokens) auto runs math on CPU
+    # options of impl (mmfuse.attention.AttentionConfig; None = the implementation's default). lowrank's
+    # max_len is not among them: each layer's comes from the sequences it attends over.
+    window: int | None = None  # local
+    num_global: int | None = None  # local
+    block_q: int | None = None  # chunked, local
+    block_k: int | None = None  # chunked, local
+    rank: int | None = None  # lowrank
     head_hidden: int = 0  # > 0: an MLP answer head with this many hidden units
     fusion_options: dict[str, Any] = field(default_factory=dict)
 
@@ -91,6 +109,22 @@ class VQAConfig:
             raise ValueError("a transformer text encoder needs vocab_size (the word tokenizer's size)")
         if self.text == "hf" and not self.hf_path:
             raise ValueError("text='hf' needs hf_path, the folder of a Hugging Face model")
+        self.attention  # noqa: B018 - raises for options impl does not take, or a missing window / rank
+        check_bounds(self, _BOUNDS)
+
+        def channels(stage: object) -> bool:
+            return isinstance(stage, list) and bool(stage) and all(
+                isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 4096 for c in stage)
+
+        if not isinstance(self.cnn_stages, list) or not self.cnn_stages or not all(map(channels, self.cnn_stages)):
+            raise ValueError(f"cnn_stages must be a non-empty list of non-empty lists of channel counts in "
+                             f"[1, 4096], got {self.cnn_stages!r}")
+
+    @property
+    def attention(self) -> AttentionConfig:
+        """``impl`` and its options as the configuration every attention layer of the model gets."""
+        return AttentionConfig(self.impl, window=self.window, num_global=self.num_global, block_q=self.block_q,
+                               block_k=self.block_k, rank=self.rank)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,8 +162,11 @@ class VQAModel(PretrainedModel):
         else:
             self.vision = VGG(11 if c.vision == "vgg11" else 16, batch_norm=c.batch_norm, width=c.vgg_width,
                               image_size=c.image_size)
+        attention = c.attention
+        h, w = self.vision.grid(c.image_size)
         self.pool = (AttentionPooling(self.vision.out_dim, num_queries=c.pool_queries, num_heads=c.num_heads,
-                                      impl=c.impl) if c.pool_queries > 0 else None)
+                                      impl=attention, max_tokens=h * w) if c.pool_queries > 0 else None)
+        image_tokens = c.pool_queries or h * w  # what the fusion sees of an image
 
         if c.text == "transformer":
             if tokenizer is None:
@@ -138,7 +175,7 @@ class VQAModel(PretrainedModel):
                 raise ValueError(f"config.vocab_size={c.vocab_size} but the tokenizer has {len(tokenizer)} words")
             self.text: nn.Module = TransformerTextEncoder(
                 tokenizer, dim=c.text_dim, depth=c.text_depth, num_heads=c.text_heads,
-                max_length=c.max_length, dropout=c.dropout, impl=c.impl)
+                max_length=c.max_length, dropout=c.dropout, impl=attention)
         else:
             from mmfuse.encoders.hf import HFTextEncoder
 
@@ -146,7 +183,8 @@ class VQAModel(PretrainedModel):
 
         self.fusion = fusion_registry.create(
             c.fusion, image_dim=self.vision.out_dim, text_dim=self.text.out_dim, dim=c.dim,
-            num_heads=c.num_heads, depth=c.depth, dropout=c.dropout, impl=c.impl, **c.fusion_options)
+            num_heads=c.num_heads, depth=c.depth, dropout=c.dropout, impl=attention,
+            max_image_tokens=image_tokens, max_text_tokens=c.max_length, **c.fusion_options)
         d = self.fusion.out_dim
         # A hidden layer lets the head combine features the pooling put side by side (e.g. "not" and
         # "a red shape is present" for a negated question), which a linear head cannot.
@@ -206,10 +244,17 @@ class VQAModel(PretrainedModel):
         return self(images, ids, mask, image_index).softmax(dim=-1)
 
     # ----------------------------------------------------------------------------------------------
-    def save_extra(self, directory: Path) -> None:
+    def _tokenizer_dict(self) -> dict[str, Any]:
         tokenizer = getattr(self.text, "tokenizer", None)
-        tokenizer_dict = tokenizer.to_dict() if isinstance(tokenizer, WordTokenizer) else {"type": "hf"}
-        save_vocab(directory / VOCAB_NAME, tokenizer_dict, self.answers)
+        return tokenizer.to_dict() if isinstance(tokenizer, WordTokenizer) else {"type": "hf"}
+
+    def save_extra(self, directory: Path) -> None:
+        save_vocab(directory / VOCAB_NAME, self._tokenizer_dict(), self.answers)
+
+    def checkpoint_metadata(self) -> dict[str, str]:
+        # The answer head's class i is answers[i]: a reordered vocab.json would silently swap answers.
+        text = json.dumps([self._tokenizer_dict(), self.answers.names], sort_keys=True)
+        return {"vocab_sha256": hashlib.sha256(text.encode()).hexdigest()}
 
     @classmethod
     def from_config(cls, config: VQAConfig, directory: Path | None = None) -> VQAModel:

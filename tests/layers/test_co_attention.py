@@ -1,4 +1,4 @@
-"""FusionTransformer: co-attention blocks, text reading the image."""
+"""CoAttention: co-attention blocks, text reading the image."""
 
 import re
 
@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mmfuse.layers import FusionTransformer
+from mmfuse.layers import CoAttention
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_shapes_and_text_to_image_weights():
-    layer = FusionTransformer(10, 12, dim=16, num_heads=4, depth=3)
+    layer = CoAttention(10, 12, dim=16, num_heads=4, depth=3)
     image_mask = torch.tensor([[True] * 5, [True, False, True, False, False]])
     tokens, weights = layer(torch.randn(2, 3, 10), torch.randn(2, 5, 12), image_mask=image_mask,
                             need_weights=True)
@@ -24,7 +24,7 @@ def test_shapes_and_text_to_image_weights():
 
 
 def test_text_depends_on_image_and_on_other_text_tokens():
-    layer = FusionTransformer(10, 12, dim=16, num_heads=4).eval()
+    layer = CoAttention(10, 12, dim=16, num_heads=4).eval()
     text, image = torch.randn(1, 3, 10), torch.randn(1, 5, 12)
     out, _ = layer(text, image)
     assert not torch.allclose(layer(text, torch.randn(1, 5, 12))[0], out)
@@ -34,18 +34,18 @@ def test_text_depends_on_image_and_on_other_text_tokens():
 
 
 def test_permuting_image_tokens_changes_nothing():
-    layer = FusionTransformer(10, 12, dim=16, num_heads=4).eval()
+    layer = CoAttention(10, 12, dim=16, num_heads=4).eval()
     text, image = torch.randn(2, 3, 10), torch.randn(2, 5, 12)
     perm = torch.randperm(5)
     assert_close(layer(text, image[:, perm])[0], layer(text, image)[0])
 
 
 def test_wrong_shapes_name_expected_and_received():
-    layer = FusionTransformer(10, 12, dim=16, num_heads=4)
+    layer = CoAttention(10, 12, dim=16, num_heads=4)
     with pytest.raises(ValueError,
                        match=re.escape("image_tokens must have shape (2, Ni, 12), got (2, 5, 10)")):
         layer(torch.randn(2, 3, 10), torch.randn(2, 5, 10))
     with pytest.raises(ValueError, match=re.escape("text_tokens must have shape (B, Nt, 10), got (3, 10)")):
         layer(torch.randn(3, 10), torch.randn(2, 5, 12))
     with pytest.raises(ValueError, match="depth must be >= 1"):
-        FusionTransformer(10, 12, depth=0)
+        CoAttention(10, 12, depth=0)
