@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e ".[dev,hf,serve,export]"
+	$(BIN)/python -m pip install -q -e ".[dev,hf,serve,export,caption]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -32,6 +32,7 @@ BENCHMARKS = {
     "training": "benchmarks.training",
     "threads": "benchmarks.threads",
     "serve": "benchmarks.serve",
+    "generation": "benchmarks.generation",
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

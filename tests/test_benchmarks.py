@@ -13,6 +13,7 @@ EXPECTED_KEYS = {
     "storage": {"config", "rows"},
     "training": {"rows", "time_to_target", "native_bf16"},
     "serve": {"rows", "speedup_at_32", "threads"},
+    "generation": {"rows", "quality"},
     "threads": {"rows", "default_threads", "cores"},
 }
 
@@ -44,6 +45,9 @@ def test_quick_benchmark_runs_and_its_checks_pass(name, tmp_path, capsys):
         assert {(r["model"], r["setting"], r["concurrency"]) for r in result["rows"]} == {
             (m, s, c) for m in ("default",) for s in ("batching", "no batching") for c in (1, 8, 32)}
         assert all(r["requests_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in result["rows"])
+    if name == "generation":
+        assert all(r["same_tokens"] and r["speedup"] > 1 for r in result["rows"])
+        assert {"exact_match", "bleu4", "cider"} <= set(result["quality"]["held_out"])
     if name == "training":
         assert all(r["train_questions_per_s"] > 0 and r["inference_questions_per_s"] > 0 for r in result["rows"])
         assert 0.0 <= result["time_to_target"]["final_test_accuracy"] <= 1.0

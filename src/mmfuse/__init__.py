@@ -1,7 +1,7 @@
 """mmfuse: attention-based fusion of images and text.
 
 Layers (``CrossAttention``, ``AttentionPooling``, ...), the fusion registry (``mmfuse.fusion.create``),
-models (``VQAModel``, ``VGGCrossAttention``), data, training and evaluation.
+models (``VQAModel``, ``VGGCrossAttention``, ``Captioner``), data, training and evaluation.
 
 The models are imported on first use (``mmfuse.VQAModel``): they bring the data package and its image
 libraries, which the attention layers alone do not need.
@@ -13,7 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from mmfuse import fusion
-from mmfuse.attention import IMPLS, Attention, AttentionConfig, attend
+from mmfuse.attention import IMPLS, Attention, AttentionConfig, KVCache, attend
 from mmfuse.fusion import FusionOutput
 from mmfuse.layers import (
     AttentionBlock,
@@ -28,7 +28,14 @@ from mmfuse.layers import (
 )
 
 if TYPE_CHECKING:
-    from mmfuse.models import VGGCrossAttention, VGGCrossAttentionConfig, VQAConfig, VQAModel
+    from mmfuse.models import (
+        Captioner,
+        CaptionerConfig,
+        VGGCrossAttention,
+        VGGCrossAttentionConfig,
+        VQAConfig,
+        VQAModel,
+    )
 
 __version__ = "0.1.0"
 
@@ -38,11 +45,14 @@ __all__ = [
     "AttentionBlock",
     "AttentionConfig",
     "AttentionPooling",
+    "Captioner",
+    "CaptionerConfig",
     "CoAttention",
     "CrossAttention",
     "FeedForward",
     "FusionOutput",
     "GatedCrossAttention",
+    "KVCache",
     "ModalitySelfAttention",
     "ModalityTokens",
     "VGGCrossAttention",
@@ -54,7 +64,8 @@ __all__ = [
     "masked_mean",
 ]
 
-_LAZY = {"VGGCrossAttention": "mmfuse.models", "VGGCrossAttentionConfig": "mmfuse.models",
+_LAZY = {"Captioner": "mmfuse.models", "CaptionerConfig": "mmfuse.models",
+         "VGGCrossAttention": "mmfuse.models", "VGGCrossAttentionConfig": "mmfuse.models",
          "VQAConfig": "mmfuse.models", "VQAModel": "mmfuse.models"}
 
 

@@ -26,17 +26,20 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["Tile", "block_attention", "dense_plan", "local_attention_mask", "local_centres", "local_plan"]
+__all__ = ["Tile", "block_attention", "causal_plan", "dense_plan", "local_attention_mask", "local_centres",
+           "local_plan"]
 
 _INF = float("inf")
 
 
 class Tile(NamedTuple):
-    """Keys [k0, k1) for one query block; ``lo`` (rows, 1): first key each row may see, None = all."""
+    """Keys [k0, k1) for one query block; ``lo`` (rows, 1): first key each row may see, None = all;
+    ``hi`` (rows, 1): last key each row may see (causal), None = all."""
 
     k0: int
     k1: int
     lo: Tensor | None = None
+    hi: Tensor | None = None
 
 
 # One query block: (q0, q1, tiles). A plan is a list of them, covering every query row exactly once.
@@ -52,6 +55,24 @@ def dense_plan(nq: int, nk: int, block_q: int, block_k: int) -> list[QueryBlock]
     """Every query block attends to every key tile (exact full attention)."""
     tiles = _split(0, nk, block_k)
     return [(q0, min(q0 + block_q, nq), tiles) for q0 in range(0, nq, block_q)]
+
+
+def causal_plan(plan: list[QueryBlock], nq: int, nk: int,
+                device: torch.device | str | None = None) -> list[QueryBlock]:
+    """``plan`` restricted to keys ``j <= i + Nk - Nq`` for query i: tiles past a block's last visible key
+    are dropped, tiles that the diagonal cuts carry the rows' last key ``hi``."""
+    offset = nk - nq
+    out: list[QueryBlock] = []
+    for q0, q1, tiles in plan:
+        first, last = q0 + offset, q1 - 1 + offset  # the block's rows see up to these keys
+        hi = torch.arange(first, last + 1, device=device)[:, None]  # (rows, 1)
+        kept = []
+        for tile in tiles:
+            if tile.k0 > last:
+                continue
+            kept.append(tile if tile.k1 - 1 <= first else tile._replace(hi=hi))
+        out.append((q0, q1, kept))
+    return out
 
 
 def local_centres(nq: int, nk: int) -> list[int]:
@@ -122,6 +143,8 @@ def _scores(qi: Tensor, k: Tensor, drop: Tensor | None, tile: Tile, window: int)
     if tile.lo is not None:
         j = torch.arange(tile.k0, tile.k1, device=s.device)
         s.masked_fill_((j < tile.lo) | (j >= tile.lo + window), -_INF)
+    if tile.hi is not None:
+        s.masked_fill_(torch.arange(tile.k0, tile.k1, device=s.device) > tile.hi, -_INF)
     return s
 
 

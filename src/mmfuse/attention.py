@@ -19,6 +19,11 @@ makes the host wait for the device.
 Layers take the implementation as ``impl=``: a name below, or an :class:`AttentionConfig` holding the
 name and its options, which a model passes unchanged to every layer it builds.
 
+``causal=True`` (every implementation but ``lowrank``) lets query i see only keys
+``j <= i + Nk - Nq``: the usual causal mask when Nq == Nk, and, when a decoder feeds only its newest
+Nq tokens against a :class:`KVCache` of all Nk, the same rows of that mask (bottom-right aligned). A
+query row that sees no kept key gets zeros, like an empty sample.
+
 Implementations (``impl=``) and their options:
 
 ``auto``
@@ -73,14 +78,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmfuse._attention_blocked import block_attention, dense_plan, local_attention_mask, local_plan
+from mmfuse._attention_blocked import block_attention, causal_plan, dense_plan, local_attention_mask, local_plan
 
 __all__ = [
     "IMPLS",
     "SMALL_SCORES",
     "Attention",
     "AttentionConfig",
+    "KVCache",
     "attend",
+    "causal_mask",
     "check_key_padding_mask",
     "flops",
     "local_attention_mask",
@@ -144,19 +151,42 @@ def _small_on_cpu(q: Tensor, k: Tensor) -> bool:
     return full and q.device.type == "cpu" and q.shape[2] * k.shape[2] <= SMALL_SCORES
 
 
+def causal_mask(nq: int, nk: int, device: torch.device | str | None = None) -> Tensor:
+    """The (Nq, Nk) bool mask of ``causal=True`` (True = attend): query i sees keys ``j <= i + Nk - Nq``."""
+    return torch.ones(nq, nk, dtype=torch.bool, device=device).tril(diagonal=nk - nq)
+
+
+def _with_causal(keep: Tensor | None, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """``keep`` and the causal mask combined, (B|1, 1, Nq, Nk), rows without a key opened up; and those rows
+    (B|1, 1, Nq, 1), whose outputs the caller zeroes (a softmax over no key would be NaN)."""
+    allowed = causal_mask(q.shape[2], k.shape[2], q.device)  # (Nq, Nk)
+    keep = allowed[None, None] if keep is None else keep & allowed  # (B|1, 1, Nq, Nk)
+    row_empty = ~keep.any(dim=-1, keepdim=True)
+    return keep | row_empty, row_empty
+
+
 @_register("auto")
 def _auto(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dropout_p: float,
-          need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+          need_weights: bool = False, causal: bool = False) -> tuple[Tensor, Tensor | None]:
     if need_weights or _small_on_cpu(q, k):
-        return _math(q, k, v, keep, scale, dropout_p, need_weights=need_weights)
+        return _math(q, k, v, keep, scale, dropout_p, need_weights=need_weights, causal=causal)
+    if causal and keep is None and q.shape[2] == k.shape[2]:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale, is_causal=True)
+        return out, None
+    row_empty = None
+    if causal:  # with padding, or aligned bottom-right (is_causal aligns top-left): an explicit mask
+        keep, row_empty = _with_causal(keep, q, k)
     # 4-D q/k/v and a 4-D broadcastable bool mask reach the fused CPU (flash) kernel.
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p, scale=scale)
-    return out, None
+    return (out if row_empty is None else out.masked_fill(row_empty, 0.0)), None
 
 
 @_register("math")
 def _math(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dropout_p: float,
-          need_weights: bool = True) -> tuple[Tensor, Tensor | None]:
+          need_weights: bool = True, causal: bool = False) -> tuple[Tensor, Tensor | None]:
+    row_empty = None
+    if causal:
+        keep, row_empty = _with_causal(keep, q, k)  # (B|1, 1, Nq, Nk)
     scores = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, H, Nq, Nk)
     if keep is not None:
         # Adding a (B, 1, 1, Nk) bias of 0 / -inf in place costs less than a masked_fill copy of the scores.
@@ -165,35 +195,45 @@ def _math(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dr
     weights = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
     probs = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     out = torch.matmul(probs, v)  # (B, H, Nq, D)
+    if row_empty is not None:
+        out = out.masked_fill(row_empty, 0.0)
+        weights = weights.masked_fill(row_empty, 0.0)
     return out, (weights if need_weights else None)
 
 
 @_register("chunked", ("block_q", "block_k"))
 def _chunked(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dropout_p: float,
-             need_weights: bool = False, block_q: int = 512, block_k: int = 1024) -> tuple[Tensor, None]:
+             need_weights: bool = False, block_q: int = 512, block_k: int = 1024,
+             causal: bool = False) -> tuple[Tensor, None]:
     _no_weights("chunked", need_weights)
     plan = dense_plan(q.shape[2], k.shape[2], _check_int("block_q", block_q, 1), _check_int("block_k", block_k, 1))
+    if causal:
+        plan = causal_plan(plan, q.shape[2], k.shape[2], device=q.device)
     return block_attention(q, k, v, keep, scale, dropout_p, plan), None
 
 
 @_register("local", ("window", "num_global", "block_q", "block_k"))
 def _local(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dropout_p: float,
            need_weights: bool = False, window: int | None = None, num_global: int = 0, block_q: int = 256,
-           block_k: int = 1024) -> tuple[Tensor, None]:
+           block_k: int = 1024, causal: bool = False) -> tuple[Tensor, None]:
     _no_weights("local", need_weights)
     window = _check_window(window)
     plan = local_plan(q.shape[2], k.shape[2], window=window,
                       num_global=_check_int("num_global", num_global, 0),
                       block_q=_check_int("block_q", block_q, 1), block_k=_check_int("block_k", block_k, 1),
                       device=q.device)
+    if causal:
+        plan = causal_plan(plan, q.shape[2], k.shape[2], device=q.device)
     return block_attention(q, k, v, keep, scale, dropout_p, plan, window), None
 
 
 @_register("lowrank", ("proj_k", "proj_v"))
 def _lowrank(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dropout_p: float,
              need_weights: bool = False, proj_k: Tensor | None = None,
-             proj_v: Tensor | None = None) -> tuple[Tensor, None]:
+             proj_v: Tensor | None = None, causal: bool = False) -> tuple[Tensor, None]:
     _no_weights("lowrank", need_weights)
+    if causal:
+        raise ValueError("impl='lowrank' cannot be causal: its projections mix every position into each row")
     if proj_k is None or proj_v is None:
         raise ValueError("impl='lowrank' needs proj_k= and proj_v= (rank, max_len) tensors; "
                          "Attention(impl='lowrank', rank=..., max_len=...) holds them")
@@ -217,8 +257,10 @@ IMPLS: tuple[str, ...] = tuple(_REGISTRY)
 
 def attend(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None,
            dropout_p: float = 0.0, need_weights: bool = False, impl: str = "auto",
-           scale: float | None = None, **options) -> tuple[Tensor, Tensor | None]:
+           scale: float | None = None, causal: bool = False, **options) -> tuple[Tensor, Tensor | None]:
     """Multi-head attention of ``q`` over ``k``/``v``; see the module docstring for shapes.
+
+    ``causal``: query i sees keys ``j <= i + Nk - Nq`` only (see the module docstring).
 
     ``dropout_p`` is applied to the attention probabilities as given: pass 0 outside training.
     ``options`` go to the chosen implementation (window sizes, projections...).
@@ -251,6 +293,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None =
         # that answer back would make the host wait for the device on every call.
         empty = ~key_padding_mask.any(dim=-1)[:, None, None, None]
         keep = key_padding_mask[:, None, None, :] | empty  # (B, 1, 1, Nk)
+    # One query after all of its keys (cached decoding) sees every key: causal is then a no-op.
+    causal = causal and not (q.shape[2] == 1 and impl != "lowrank")
+    if causal:
+        options["causal"] = True
     out, weights = _REGISTRY[impl](q, k, v, keep, scale, dropout_p, need_weights=need_weights, **options)
     if empty is not None:
         out = out.masked_fill(empty, 0.0)
@@ -389,11 +435,11 @@ class Attention(nn.Module):
             nn.init.normal_(self.proj_v, std=std)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None,
-                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+                need_weights: bool = False, causal: bool = False) -> tuple[Tensor, Tensor | None]:
         options = dict(self.options)
         if self.proj_k is not None:
             options.update(proj_k=self.proj_k, proj_v=self.proj_v)
-        return attend(q, k, v, key_padding_mask=key_padding_mask, need_weights=need_weights,
+        return attend(q, k, v, key_padding_mask=key_padding_mask, need_weights=need_weights, causal=causal,
                       impl=self.impl, dropout_p=self.dropout if self.training else 0.0, **options)
 
     def extra_repr(self) -> str:
@@ -401,6 +447,41 @@ class Attention(nn.Module):
         if self.proj_k is not None:
             extra += f", rank={self.proj_k.shape[0]}, max_len={self.proj_k.shape[1]}"
         return f"impl={self.impl!r}, dropout={self.dropout}{extra}"
+
+
+class KVCache:
+    """The keys and values one attention layer has seen while decoding, (B, H, N, D) each.
+
+    ``update(k, v)`` appends the new tokens' keys and values and returns all of them. A ``static`` cache
+    (cross-attention over a fixed context) is filled once; later calls reuse it (``full``) and skip the
+    context's projections. ``reorder(index)`` keeps rows ``index`` (beam search).
+    """
+
+    def __init__(self, *, static: bool = False) -> None:
+        self.static = static
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    @property
+    def full(self) -> bool:
+        """Whether a static cache already holds its context."""
+        return self.static and self.k is not None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else int(self.k.shape[2])
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.k is None or self.static:
+            # contiguous (B, H, N, D): each step's q k^T then reads the cache in place, where a transposed
+            # projection would be copied whole by every matmul
+            self.k, self.v = k.contiguous(), v.contiguous()
+        else:
+            self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)  # (B, H, N + n, D)
+        return self.k, self.v
+
+    def reorder(self, index: Tensor) -> None:
+        if self.k is not None and self.v is not None:
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
 
 
 def flops(batch: int, heads: int, nq: int, nk: int, head_dim: int) -> int:

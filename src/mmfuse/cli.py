@@ -289,11 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--predictions", metavar="FILE.jsonl", help="write one JSON line per question")
     p.add_argument("--confusion", metavar="FILE.png", help="write the confusion matrix")
+    p.add_argument("--num-beams", type=int, help="captioner: beam search with this many beams (default: the "
+                                                  "model's own decoding)")
     _add_device(p)
     p.add_argument("--bf16", action="store_const", const="bf16", dest="precision", help="the same as --precision bf16")
 
-    p = sub.add_parser("predict", help="answer one question about one image, classify one image, or answer every "
-                       "line of a split")
+    p = sub.add_parser("predict", help="answer one question about one image, caption it, classify it, or "
+                       "answer every line of a split")
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a run directory (or saved model)")
     p.add_argument("--image", metavar="PATH", help="an image file")
     p.add_argument("--question", metavar="TEXT", help="the question (VQA models)")
@@ -306,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-map", metavar="OUT.png", help="write the attention over the image")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_device(p)
+    g = p.add_argument_group("generation (captioner models)")
+    g.add_argument("--strategy", choices=["greedy", "beam", "sample"], help="decoding (default: the model's own)")
+    g.add_argument("--num-beams", type=int, help="beams of beam search (default: the model's own)")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="beam search: GNMT length penalty exponent")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--top-k", type=int, default=0, help="sampling: only the k most likely tokens, 0: all")
+    g.add_argument("--top-p", type=float, default=1.0, help="sampling: only the nucleus of this mass")
+    g.add_argument("--max-new-tokens", type=int, help="at most this many tokens (default: the model's max_length - 1)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
 
     p = sub.add_parser("ablate", help="train several fusions with the same budget and tabulate them")
     _add_data(p)
@@ -328,15 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
 
     p = sub.add_parser("make-dataset", help="write a synthetic dataset as a JSONL directory")
-    p.add_argument("kind", choices=["relational", "sort-of-clevr", "context"],
+    p.add_argument("kind", choices=["relational", "sort-of-clevr", "context", "captions"],
                    help="relational: several shapes per image, questions about their spatial relations; "
                         "sort-of-clevr: the benchmark of Santoro et al. 2017 (six objects, 75 px); "
-                        "context: several shapes per image, a context names one, the label is its shape")
+                        "context: several shapes per image, a context names one, the label is its shape; "
+                        "captions: 2-4 shapes per image described left to right")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write")
-    p.add_argument("--train-images", type=int, help="default: 4000 (relational, context), 9800 (sort-of-clevr)")
-    p.add_argument("--test-images", type=int, help="default: 1000 (relational, context), 200 (sort-of-clevr)")
+    p.add_argument("--train-images", type=int,
+                   help="default: 4000 (relational, context), 9800 (sort-of-clevr), 8000 (captions)")
+    p.add_argument("--test-images", type=int, help="default: 1000 (relational, context, captions), 200 (sort-of-clevr)")
     p.add_argument("--image-size", type=int, help="default: 64 (relational, context), 75 (sort-of-clevr)")
-    p.add_argument("--objects", type=int, default=4, help="objects per image (relational, context)")
+    p.add_argument("--objects", type=int, default=4, help="objects per image (relational, context; captions: at most)")
     p.add_argument("--object-radius", type=int, default=5, help="half the object width in pixels (sort-of-clevr)")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     p.add_argument("--context", choices=["text", "image"], default="text",
@@ -426,6 +439,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             options = {**preset_train, **_train_options(args)}
             task = options.get("task", "vqa")
             model = {**preset_model, **_model_options(args, task)}
+            # a task may bring its own recipe (e.g. caption); a preset and the flags given here win over it
+            from mmfuse import tasks
+
+            options = {**tasks.create(task).train_defaults, **options}
             out = Path(args.out or _default_out(task, model, options.get("seed", 0)))
             cfg = TrainConfig(data=args.data, out=str(out), progress=progress, model=model, **options)
             result = Trainer(cfg, overwrite=args.overwrite).fit()
@@ -472,7 +489,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = next(model.parameters()).device
     data = args.data or _run_data(run)
     split = task.load_split(data, args.split, image_size=task.image_size(model))
-    result = task.evaluate(model, split, device=device, precision=resolve_precision(args.precision, device))
+    if args.num_beams and model.model_type not in ("captioner", "answer-generator"):
+        raise UsageError(f"--num-beams: {args.checkpoint} holds a {model.model_type} model, which generates nothing")
+    decoding = {"strategy": "beam", "num_beams": args.num_beams} if args.num_beams else {}
+    result = task.evaluate(model, split, device=device, precision=resolve_precision(args.precision, device),
+                           **decoding)
     summary = result.summary()
     if args.predictions:
         task.write_predictions(result, args.predictions)
@@ -489,6 +510,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 print(f"  {key}:")
                 for name, acc in value.items():
                     print(f"  {name:>20s}  {acc:.4f}")
+            elif task.metric == "exact_match" and key != task.metric and isinstance(value, float):
+                print(f"  {key}: {value:.4f}")  # a caption model's BLEU-4 and CIDEr
     return 0
 
 
@@ -503,6 +526,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.image is None:
             raise UsageError(f"{args.checkpoint} is an image classifier: pass --image")
         return _predict_class(model, args)
+    if model.model_type in ("captioner", "answer-generator"):
+        if args.image is None:
+            raise UsageError(f"{args.checkpoint} writes text about an image: pass --image")
+        return _predict_caption(model, args)
     if not isinstance(model, VQAModel):
         raise UsageError(f"{args.checkpoint}: predict answers questions with a VQA model, this is a "
                          f"{model.model_type} model")
@@ -615,6 +642,34 @@ def _ablate_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_caption(model: Any, args: argparse.Namespace) -> int:
+    import torch
+
+    from mmfuse.data import load_image
+
+    device = next(model.parameters()).device
+    image = load_image(args.image, model.config.image_size)  # (3, S, S) uint8
+    options = {k: getattr(args, k) for k in ("strategy", "num_beams", "max_new_tokens") if getattr(args, k)}
+    if options.get("strategy") == "sample":
+        options.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       generator=torch.Generator(device=device).manual_seed(args.seed))
+    options["length_penalty"] = args.length_penalty
+    questions = None if args.question is None else [args.question]
+    texts, out = model.generate(image[None].to(device), questions, need_weights=bool(args.attention_map), **options)
+    if args.attention_map:
+        from mmfuse.caption_figures import plot_word_attention
+
+        plot_word_attention(model, image, out.tokens[0].tolist(), out.attention[0].cpu(), args.attention_map)
+    if args.json:
+        print(json.dumps({"image": args.image, **({"question": args.question} if questions else {}),
+                          "prediction": texts[0]}))
+    else:
+        print(texts[0])
+    if args.attention_map:
+        print(f"attention map: {args.attention_map}")
+    return 0
+
+
 def cmd_ablate(args: argparse.Namespace) -> int:
     from mmfuse.ablate import DEFAULT_FUSIONS, run_ablation
 
@@ -643,6 +698,16 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def cmd_make_dataset(args: argparse.Namespace) -> int:
     sizes = {k: v for k, v in (("num_train_images", args.train_images), ("num_test_images", args.test_images),
                                ("image_size", args.image_size)) if v is not None}
+    if args.kind == "captions":
+        from mmfuse.data.captions import write_caption_dataset
+
+        if sizes.pop("image_size", None) is not None:
+            raise UsageError("--image-size: caption scenes vary their canvas (64-112 px); not with captions")
+        root = write_caption_dataset(args.out, max_objects=args.objects, seed=args.seed,
+                                     **{"num_train_images": 8000, **sizes})
+        print(f"wrote {root} (train.jsonl, test.jsonl, images/); train on it with: "
+              f"mmfuse train --task caption --data {root}")
+        return 0
     if args.kind == "context":
         from mmfuse.data.context_shapes import write_context_dataset
 

@@ -14,6 +14,10 @@ Shared contexts: with ``context_index`` (B,) the context holds one entry per *im
 query row b attends over ``context[context_index[b]]``. Keys and values are then projected once per
 image and gathered afterwards: in VQA about ten questions share an image, so this saves most of the
 projection work of training.
+
+Decoding: ``causal=True`` masks future tokens (self-attention of a decoder), and a
+:class:`~mmfuse.attention.KVCache` keeps the keys and values of the tokens already decoded, so each step
+feeds only the new tokens; a static cache holds a cross-attention's projected context.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mmfuse.attention import Attention, AttentionConfig
+from mmfuse.attention import Attention, AttentionConfig, KVCache
 from mmfuse.layers.common import (
     FeedForward,
     check_context_index,
@@ -77,7 +81,8 @@ class CrossAttention(nn.Module):
             init_linear(proj)
 
     def forward(self, x: Tensor, context: Tensor, *, context_mask: Tensor | None = None,
-                context_index: Tensor | None = None, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+                context_index: Tensor | None = None, need_weights: bool = False, causal: bool = False,
+                cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
         if self.validate_inputs:
             check_tokens(x, self.query_dim, "x", seq="Nq")
             B = x.shape[0]
@@ -86,17 +91,25 @@ class CrossAttention(nn.Module):
             check_mask(context_mask, context, "context_mask")
             if context_index is not None:
                 check_context_index(context_index, B, context.shape[0])
+        if cache is not None and not cache.static and context_mask is not None:
+            raise ValueError("a growing KVCache takes no context_mask (it would have to cover the cached keys)")
         B, Nq, _ = x.shape
         I, Nk, _ = context.shape
         H, Dh = self.num_heads, self.head_dim
 
         q = self.q_proj(x).view(B, Nq, H, Dh).transpose(1, 2)  # (B, H, Nq, Dh)
-        k = self.k_proj(context).view(I, Nk, H, Dh).transpose(1, 2)  # (I, H, Nk, Dh)
-        v = self.v_proj(context).view(I, Nk, H, Dh).transpose(1, 2)  # (I, H, Nk, Dh)
-        if context_index is not None:
-            k, v = gather_rows(k, context_index), gather_rows(v, context_index)  # (B, H, Nk, Dh)
-            context_mask = None if context_mask is None else context_mask[context_index]  # (B, Nk)
-        out, weights = self.attn(q, k, v, key_padding_mask=context_mask, need_weights=need_weights)
+        if cache is not None and cache.full:
+            k, v = cache.k, cache.v  # the context was projected at the first step
+        else:
+            k = self.k_proj(context).view(I, Nk, H, Dh).transpose(1, 2)  # (I, H, Nk, Dh)
+            v = self.v_proj(context).view(I, Nk, H, Dh).transpose(1, 2)  # (I, H, Nk, Dh)
+            if context_index is not None:
+                k, v = gather_rows(k, context_index), gather_rows(v, context_index)  # (B, H, Nk, Dh)
+            if cache is not None:
+                k, v = cache.update(k, v)  # (B, H, N cached + Nk, Dh)
+        if context_index is not None and context_mask is not None:
+            context_mask = context_mask[context_index]  # (B, Nk)
+        out, weights = self.attn(q, k, v, key_padding_mask=context_mask, need_weights=need_weights, causal=causal)
         out = self.out_proj(out.transpose(1, 2).reshape(B, Nq, self.dim))  # (B, Nq, out_dim)
         if context_mask is not None:
             out = out.masked_fill(~context_mask.any(dim=1)[:, None, None], 0.0)
@@ -123,6 +136,9 @@ class AttentionBlock(nn.Module):
     ``impl`` serves both attentions; for ``lowrank`` give the longest sequences they attend over,
     ``max_tokens`` (of ``x``, for self-attention) and ``max_context_tokens``, unless ``impl`` already
     sets ``max_len``. The block checks its inputs once (``validate_inputs``), not in its sub-layers.
+
+    A decoder passes ``causal=True`` and, when decoding step by step, a ``self_cache`` and a static
+    ``cross_cache`` (:class:`~mmfuse.attention.KVCache`).
     """
 
     validate_inputs: bool = True
@@ -168,18 +184,21 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, *, mask: Tensor | None = None,
                 context_mask: Tensor | None = None, context_index: Tensor | None = None,
-                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+                need_weights: bool = False, causal: bool = False, self_cache: KVCache | None = None,
+                cross_cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
         if self.validate_inputs:
             self.check_inputs(x, context, mask=mask, context_mask=context_mask, context_index=context_index)
         weights = None
         if self.self_attn is not None:
             h = self.norm_self(x)
-            h, weights = self.self_attn(h, h, context_mask=mask,
+            h, weights = self.self_attn(h, h, context_mask=mask, causal=causal, cache=self_cache,
                                         need_weights=need_weights and self.cross_attn is None)
             x = self._add(x, self.drop(h), self.gate_self)
         if self.cross_attn is not None:
-            h, weights = self.cross_attn(self.norm_cross(x), self.norm_context(context), context_mask=context_mask,
-                                         context_index=context_index, need_weights=need_weights)
+            # a full static cache already holds the projected context: skip its LayerNorm too
+            ctx = context if cross_cache is not None and cross_cache.full else self.norm_context(context)
+            h, weights = self.cross_attn(self.norm_cross(x), ctx, context_mask=context_mask,
+                                         context_index=context_index, need_weights=need_weights, cache=cross_cache)
             x = self._add(x, self.drop(h), self.gate_cross)
         x = self._add(x, self.ff(self.norm_ff(x)), self.gate_ff)
         return x, weights

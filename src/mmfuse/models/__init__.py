@@ -2,11 +2,14 @@
 
 from mmfuse.io import CheckpointError
 from mmfuse.models.base import PretrainedModel, model_types
+from mmfuse.models.captioner import Captioner, CaptionerConfig
 from mmfuse.models.classifier import ImageClassifier, ImageClassifierConfig
 from mmfuse.models.vgg import VGGCrossAttention, VGGCrossAttentionConfig
 from mmfuse.models.vqa import VQAConfig, VQAModel
 
 __all__ = [
+    "Captioner",
+    "CaptionerConfig",
     "CheckpointError",
     "ImageClassifier",
     "ImageClassifierConfig",

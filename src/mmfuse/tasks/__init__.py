@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from mmfuse.tasks.base import Batches, EvalOutput, StepOutput, Task
+from mmfuse.tasks.caption import CaptionTask, VQAGenerateTask
 from mmfuse.tasks.classify import ClassifyTask
 from mmfuse.tasks.vqa import VQATask
 
-__all__ = ["Batches", "ClassifyTask", "EvalOutput", "StepOutput", "Task", "VQATask", "available", "create",
-           "for_model", "register"]
+__all__ = ["Batches", "CaptionTask", "ClassifyTask", "EvalOutput", "StepOutput", "Task", "VQAGenerateTask", "VQATask",
+           "available", "create", "for_model", "register"]
 
 _TASKS: dict[str, type[Task]] = {}
 _BY_MODEL_TYPE: dict[str, str] = {}
@@ -46,3 +47,5 @@ def for_model(model: Any, **options: Any) -> Task:
 
 register("vqa", VQATask)
 register("classify", ClassifyTask)
+register("caption", CaptionTask)
+register("vqa-generate", VQAGenerateTask)

@@ -73,6 +73,8 @@ class Task(abc.ABC):
     config_class: ClassVar[type]
     #: the key of ``summary()`` that says how good a model is (e.g. ``accuracy``)
     metric: ClassVar[str] = "accuracy"
+    #: the task's own training recipe (TrainConfig fields) under a preset and the command line's flags
+    train_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, *, label_smoothing: float = 0.0, attention_l2: float = 0.0) -> None:
         self.label_smoothing = label_smoothing
