@@ -239,7 +239,7 @@ class _ZeroPadded(torch.autograd.Function):
     hands the gradients through unchanged: every implementation gives padded keys and values an
     exactly zero gradient already (their probabilities are exactly 0, ``lowrank`` projects them with
     zero columns, an empty sample's output gradient is zeroed by ``attend``), which
-    ``tests/test_attention_masks.py`` checks. Selecting again there would be the true derivative, but
+    ``tests/test_properties.py`` checks. Selecting again there would be the true derivative, but
     on CPU masked_fill is a scalar kernel: its autograd backward made ``attend`` at the fusion shape
     about 1.5x slower on the 2-core development machine, where this pass-through costs nothing.
     """
