@@ -29,6 +29,7 @@ BENCHMARKS = {
     "memory": "benchmarks.memory",
     "training": "benchmarks.training",
     "serve": "benchmarks.serve",
+    "masks": "benchmarks.masks",
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -11,6 +11,7 @@ EXPECTED_KEYS = {
     "memory": {"config", "rows"},
     "training": {"rows", "time_to_target", "native_bf16"},
     "serve": {"rows", "speedup_at_32", "threads"},
+    "masks": {"shape", "rows"},
 }
 
 
