@@ -383,7 +383,11 @@ def test_cross_attention_properties(case):
 # --------------------------------------------------------------------------------------------------
 # masked values never matter: attend (every implementation) and every registered fusion
 
-JUNK = [float("nan"), float("inf"), -float("inf"), 1e30]
+JUNK = [float("nan"), float("inf"), -float("inf"), "max"]  # "max": the dtype's largest finite value
+
+
+def _junk(value: float | str, dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max if value == "max" else value
 # dtypes each implementation runs on CPU (float16 matmuls are slow there but exact enough for this).
 DTYPES = {"auto": [torch.float32, torch.float64, torch.bfloat16, torch.float16], "math": [torch.float32,
           torch.float64, torch.bfloat16], "chunked": [torch.float32, torch.float64, torch.bfloat16],
@@ -431,7 +435,8 @@ def test_attend_masked_keys_and_values_never_matter(case):
     g = torch.randn(B, H, Nq, D, generator=gen).to(dtype)
     pad = ~mask[:, None, :, None]
     clean = _attend_with_grads(case, k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0), q, g)
-    junk = _attend_with_grads(case, k.masked_fill(pad, case["junk"]), v.masked_fill(pad, -case["junk"]), q, g)
+    value = _junk(case["junk"], dtype)
+    junk = _attend_with_grads(case, k.masked_fill(pad, value), v.masked_fill(pad, -value), q, g)
     assert clean[0].shape == (B, H, Nq, D) and clean[0].dtype == dtype
     # To the bit: the padded values are selected away before any arithmetic sees them.
     assert torch.equal(junk[0], clean[0])
@@ -510,8 +515,8 @@ def test_fusion_padded_tokens_never_matter(name, case):
         return x if mask is None else x.masked_fill(~mask[..., None], value)
 
     clean = _fuse(fusion, fill(image, image_mask, 0.0), fill(text, text_mask, 0.0), image_mask, text_mask)
-    junk = _fuse(fusion, fill(image, image_mask, case["junk"]), fill(text, text_mask, -case["junk"]),
-                 image_mask, text_mask)
+    value = _junk(case["junk"], torch.float32)
+    junk = _fuse(fusion, fill(image, image_mask, value), fill(text, text_mask, -value), image_mask, text_mask)
     assert clean[0].shape == (B, fusion.out_dim)
     for a, b in zip(junk, clean, strict=True):
         assert (a is None) == (b is None)
