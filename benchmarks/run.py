@@ -26,8 +26,11 @@ from benchmarks.common import environment
 
 BENCHMARKS = {
     "attention": "benchmarks.attention",
+    "features": "benchmarks.features",
     "memory": "benchmarks.memory",
+    "storage": "benchmarks.storage",
     "training": "benchmarks.training",
+    "threads": "benchmarks.threads",
     "serve": "benchmarks.serve",
     "masks": "benchmarks.masks",
 }

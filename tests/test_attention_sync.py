@@ -22,7 +22,7 @@ from mmfuse.layers import AttentionBlock, AttentionPooling, CoAttention, CrossAt
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-IMAGE_DIM, TEXT_DIM, DIM, HEADS, NI, NT = 12, 10, 16, 4, 6, 5
+IMAGE_DIM, TEXT_DIM, DIM, HEADS, NI, NT = 12, 10, 16, 4, 9, 5  # NI a square: relational fusions read a grid
 CONFIGS = {
     "auto": AttentionConfig("auto"),
     "math": AttentionConfig("math"),
@@ -202,7 +202,7 @@ def test_shape_errors_still_name_the_shapes_at_the_entry():
     image, text, image_mask, _ = padded_batch()
     with pytest.raises(ValueError, match=r"text_tokens must have shape \(3, Nt, 10\), got \(3, 5, 11\)"):
         fusion(image, torch.randn(3, NT, TEXT_DIM + 1))
-    with pytest.raises(ValueError, match=r"image_mask must have shape \(B, N\) = \(3, 6\), got \(3, 5\)"):
+    with pytest.raises(ValueError, match=r"image_mask must have shape \(B, N\) = \(3, 9\), got \(3, 5\)"):
         fusion(image, text, image_mask=image_mask[:, :5])
-    with pytest.raises(ValueError, match=r"image_tokens must have shape \(3, Ni, 12\), got \(3, 6, 5\)"):
+    with pytest.raises(ValueError, match=r"image_tokens must have shape \(3, Ni, 12\), got \(3, 9, 5\)"):
         CoAttention(TEXT_DIM, IMAGE_DIM, dim=DIM, num_heads=HEADS)(text, image[..., :5])

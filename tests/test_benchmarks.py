@@ -8,7 +8,9 @@ from benchmarks.run import BENCHMARKS, main
 
 EXPECTED_KEYS = {
     "attention": {"shapes", "matmul_gflops", "rows", "targets"},
+    "features": {"config", "rows", "speedup"},
     "memory": {"config", "rows"},
+    "storage": {"config", "rows"},
     "training": {"rows", "time_to_target", "native_bf16"},
     "serve": {"rows", "speedup_at_32", "threads"},
     "masks": {"shape", "rows"},

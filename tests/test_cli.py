@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -148,7 +149,10 @@ def test_ddp_with_two_processes_trains_a_usable_model(tiny, tmp_path):
     single = tmp_path / "single"
     assert main([*args, "--out", str(single)]) == 0
     ddp = tmp_path / "ddp"
-    proc = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29533", "-m", "mmfuse.cli",
+    with socket.socket() as s:  # a port no other process listens on
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    proc = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", port, "-m", "mmfuse.cli",
                            *args, "--out", str(ddp)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -31,6 +31,7 @@ from mmfuse.data.vocab import load_vocab
 from mmfuse.io import CheckpointError, read_json
 from mmfuse.models import VQAModel
 from mmfuse.train import TrainConfig, Trainer, resume
+from tests.run_checks import assert_same_run, metrics
 from tests.tiny_data import make_tiny_dataset
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -42,7 +43,6 @@ TINY_MODEL = {"cnn_stages": [[8], [16]], "dim": 32, "text_dim": 32, "num_heads":
 # CPU with native bf16, and could choose differently.
 TRAIN_ARGS = ["--epochs", "16", "--checkpoint-every", "2", "--threads", "1", "--no-progress", "--seed", "0",
               "--image-size", "32", "--dim", "32", "--num-heads", "2", "--images-per-batch", "4", "--precision", "fp32"]
-VOLATILE = ("seconds", "questions_per_second")  # wall-clock figures, different in every run
 SIGKILL = -signal.SIGKILL
 
 
@@ -96,19 +96,6 @@ def _assert_loadable(run: Path) -> None:
             json.loads(line)
 
 
-def _metrics(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
-
-
-def _assert_same_run(a: Path, b: Path) -> None:
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0, msg=k)
-    assert _metrics(b) == _metrics(a)
-
-
 # --------------------------------------------------------------------------------------------------
 # SIGKILL
 
@@ -142,8 +129,8 @@ def test_killed_twice_and_resumed_ends_exactly_as_an_uninterrupted_run(tmp_path)
     _, err = reference.communicate(timeout=300)
     assert reference.returncode == 0, err
 
-    assert len(_metrics(killed)) == 16
-    _assert_same_run(straight, killed)
+    assert len(metrics(killed)) == 16
+    assert_same_run(straight, killed)
     _assert_loadable(killed)
     assert _temporary_files(straight) == []
     assert _temporary_files(killed) == [], "the temporary files of killed writes are left behind"
@@ -179,8 +166,8 @@ def test_a_kill_between_the_epoch_checkpoint_and_its_metrics_row_loses_no_row(ti
         with pytest.raises(_Killed):
             Trainer(_cfg(tiny, tmp_path / "killed")).fit()
     resume(tmp_path / "killed", progress=False)
-    assert [r["epoch"] for r in _metrics(tmp_path / "killed")] == [1, 2], "an epoch's metrics row was lost"
-    _assert_same_run(tmp_path / "straight", tmp_path / "killed")
+    assert [r["epoch"] for r in metrics(tmp_path / "killed")] == [1, 2], "an epoch's metrics row was lost"
+    assert_same_run(tmp_path / "straight", tmp_path / "killed")
 
 
 def test_resume_removes_the_temporary_file_of_a_killed_write(tiny, tmp_path, monkeypatch):

@@ -38,8 +38,12 @@ def open_gates(module):
     return module
 
 
+# The relational fusions need a square grid of image tokens: tests/layers/test_relational.py.
+RELATIONAL = ["film", "relation_network", "relational_transformer"]
+
+
 def test_available_lists_every_fusion():
-    assert available() == sorted(BASELINES + ATTENTION)
+    assert available() == sorted(BASELINES + ATTENTION + RELATIONAL)
 
 
 @pytest.mark.parametrize("name", BASELINES + ATTENTION)

@@ -22,12 +22,12 @@ from mmfuse.io import CheckpointError, WriteError
 from mmfuse.models import VQAModel
 from mmfuse.runs import RunDirError, RunLock, check_new_run_dir, truncate_metrics
 from mmfuse.train import TrainConfig, Trainer, resume
+from tests.run_checks import assert_same_run, metrics
 from tests.tiny_data import make_tiny_dataset
 
 TINY_MODEL = {"cnn_stages": [[8], [16]], "dim": 32, "text_dim": 32, "num_heads": 2, "text_heads": 2}
 TINY_FLAGS = ["--image-size", "32", "--dim", "32", "--num-heads", "2", "--images-per-batch", "4", "--threads", "1",
               "--no-progress", "--warmup-steps", "2", "--epochs", "1", "--precision", "fp32"]
-VOLATILE = ("seconds", "questions_per_second")
 
 
 @pytest.fixture(scope="module")
@@ -39,19 +39,6 @@ def _cfg(data: Path, out: Path, **kw) -> TrainConfig:
     base = {"data": str(data), "out": str(out), "epochs": 2, "images_per_batch": 4, "progress": False,
             "warmup_steps": 2, "model": dict(TINY_MODEL), "checkpoint_every": 3, "threads": 1}
     return TrainConfig(**{**base, **kw})
-
-
-def _metrics(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
-
-
-def _assert_same_run(a: Path, b: Path) -> None:
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0, msg=k)
-    assert _metrics(b) == _metrics(a)
 
 
 def _error_line(capsys) -> str:
@@ -94,7 +81,7 @@ def test_a_finished_run_is_not_overwritten_unless_asked(tiny, tmp_path, capsys):
     assert (run / "model.safetensors").read_bytes() == before
     assert main(["train", "--data", str(tiny), "--out", str(run), *TINY_FLAGS, "--seed", "1", "--overwrite"]) == 0
     assert (run / "model.safetensors").read_bytes() != before
-    assert [r["epoch"] for r in _metrics(run)] == [1], "rows of the replaced run were kept"
+    assert [r["epoch"] for r in metrics(run)] == [1], "rows of the replaced run were kept"
 
 
 def test_out_that_is_a_file_or_under_one_is_one_line(tiny, tmp_path, capsys):
@@ -155,7 +142,7 @@ def test_full_disk_or_kill_at_random_points_always_resumes_to_the_uninterrupted_
             resume(run, progress=False)
         else:  # the fault came before the first checkpoint: nothing to resume, start again
             Trainer(_cfg(tiny, run), overwrite=True).fit()
-        _assert_same_run(straight, run)
+        assert_same_run(straight, run)
         assert not [n for n in os.listdir(run) if n.endswith(".tmp")]
 
 
@@ -207,7 +194,7 @@ def test_the_epoch_is_saved_before_it_is_evaluated(tiny, tmp_path, monkeypatch):
     monkeypatch.undo()
     # The epoch's checkpoint exists; resuming writes the row (evaluating now) without training again.
     resume(tmp_path / "run", progress=False)
-    rows = _metrics(tmp_path / "run")
+    rows = metrics(tmp_path / "run")
     assert [r["epoch"] for r in rows] == [1] and "test_accuracy" in rows[0]
 
 

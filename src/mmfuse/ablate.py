@@ -32,7 +32,8 @@ from mmfuse.plotting import new_figure, save_figure
 from mmfuse.report import read_metrics
 from mmfuse.train import TrainConfig, train
 
-__all__ = ["COLUMNS", "DEFAULT_FUSIONS", "run_ablation", "write_results"]
+__all__ = ["CLASSIFY_COLUMNS", "CLASSIFY_VARIANTS", "COLUMNS", "DEFAULT_CLASSIFY_VARIANTS", "DEFAULT_FUSIONS",
+           "run_ablation", "run_classify_ablation", "write_results"]
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def run_ablation(*, data: str = EASY_VQA, fusions: list[str], epochs: int, seed:
 
 
 def _fmt(key: str, v: Any) -> str:
-    if key == "test_accuracy":
+    if key in ("test_accuracy", "accuracy"):
         return f"{v:.2%}"
     if key == "params":
         return f"{v:,}"
@@ -114,31 +115,115 @@ def _short(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
 
-def write_results(rows: list[dict[str, Any]], out_dir: str | os.PathLike, *, header: str) -> None:
-    """``results.md`` (``header``, then a table), ``results.csv`` and ``results.png`` into ``out_dir``."""
+def write_results(rows: list[dict[str, Any]], out_dir: str | os.PathLike, *, header: str,
+                  columns: list[str] = COLUMNS, name: str = "fusion", metric: str = "test_accuracy") -> None:
+    """``results.md`` (``header``, then a table), ``results.csv`` and ``results.png`` into ``out_dir``.
+
+    ``columns`` are the table's, ``name`` the column naming each row, ``metric`` the one charted.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = [header, "", "| " + " | ".join(c.replace("_", " ") for c in COLUMNS) + " |",
-          "|---|" + "---:|" * (len(COLUMNS) - 1)]
-    md += ["| " + " | ".join(_fmt(c, r[c]) for c in COLUMNS) + " |" for r in rows]
+    md = [header, "", "| " + " | ".join(c.replace("_", " ") for c in columns) + " |",
+          "|---|" + "---:|" * (len(columns) - 1)]
+    md += ["| " + " | ".join(_fmt(c, r[c]) for c in columns) + " |" for r in rows]
     (out_dir / "results.md").write_text("\n".join(md) + "\n", encoding="utf-8")
 
     with open(out_dir / "results.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
     fig = new_figure((max(5.0, 1.1 * len(rows) + 2.0), 4.0))
     ax = fig.subplots()
-    accuracy = [r["test_accuracy"] for r in rows]
+    accuracy = [r[metric] for r in rows]
     bars = ax.bar(range(len(rows)), accuracy, color="tab:blue")
-    ax.set_xticks(range(len(rows)), [r["fusion"] for r in rows], rotation=30, ha="right")
+    ax.set_xticks(range(len(rows)), [r[name] for r in rows], rotation=30, ha="right")
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("test accuracy")
     ax.set_title(header.replace("`", ""), fontsize=9)
     for bar, r in zip(bars, rows, strict=True):
-        ax.annotate(f"{r['test_accuracy']:.1%}\n{_short(r['params'])} params",
+        ax.annotate(f"{r[metric]:.1%}\n{_short(r['params'])} params",
                     (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                     fontsize=8)
     fig.tight_layout()
     save_figure(fig, out_dir / "results.png")
+
+
+# --------------------------------------------------------------------------------------------------
+# image classification with context (the classify task): variants of the classifier, not fusions
+
+#: the classifier's model options of each variant (on top of the options shared by the ablation)
+CLASSIFY_VARIANTS: dict[str, dict[str, Any]] = {
+    "vgg16": {"backbone": "vgg16", "context": "none"},
+    "vgg16-xattn": {"backbone": "vgg16", "num_heads": 1, "levels": (5,)},
+    "vgg16-xattn-8h": {"backbone": "vgg16", "num_heads": 8, "levels": (5,)},
+    "vgg16-multilevel": {"backbone": "vgg16", "num_heads": 1, "levels": (2, 3, 4, 5)},
+    "vgg16-multilevel-gate": {"backbone": "vgg16", "num_heads": 1, "levels": (2, 3, 4, 5), "residual": "gate"},
+    "vgg16-xattn-gate": {"backbone": "vgg16", "num_heads": 1, "levels": (5,), "residual": "gate"},
+    "vgg11": {"backbone": "vgg11", "context": "none"},
+    "vgg11-xattn": {"backbone": "vgg11", "num_heads": 1, "levels": (5,)},
+    "resnet18": {"backbone": "resnet18", "context": "none"},
+    "resnet50": {"backbone": "resnet50", "context": "none"},
+}
+DEFAULT_CLASSIFY_VARIANTS = ["vgg16", "vgg16-xattn", "vgg16-xattn-8h", "vgg16-multilevel", "resnet18"]
+CLASSIFY_COLUMNS = ["variant", "accuracy", "params", "seconds_per_epoch", "train_images_per_second",
+                    "inference_images_per_second"]
+
+
+def run_classify_ablation(*, data: str, variants: list[str], epochs: int, seed: int = 0,
+                          out_dir: str | os.PathLike, base: dict[str, Any] | None = None,
+                          progress: bool | None = None) -> list[dict[str, Any]]:
+    """Train each classifier variant of :data:`CLASSIFY_VARIANTS` on ``data`` and measure it.
+
+    Columns (:data:`CLASSIFY_COLUMNS`): ``accuracy`` on the test split (a fraction), ``params`` of the
+    whole model (context encoder included), mean ``seconds_per_epoch`` of training, training and
+    inference images per second (inference: one ``evaluate`` of the test split, already in memory).
+    ``base``: shared TrainConfig fields, model options under ``"model"`` (e.g. width, image_size).
+    """
+    from mmfuse import tasks
+
+    base = dict(base or {})
+    clash = [k for k in (*_FIXED, "task") if k in base]
+    if clash:
+        raise ValueError(f"base may not set {clash}: run_classify_ablation sets them for every variant")
+    unknown = [v for v in variants if v not in CLASSIFY_VARIANTS]
+    if not variants or unknown or len(set(variants)) != len(variants):
+        raise ValueError(f"variants must be distinct names of {list(CLASSIFY_VARIANTS)}, got {variants}")
+    out_dir = Path(out_dir)
+    model_options = dict(base.pop("model", {}))
+    task = tasks.create("classify")
+    splits: dict[tuple[str, int], Any] = {}  # (split, image size) -> split, loaded once
+
+    def split(name: str, size: int | None) -> Any:
+        key = (name, size or 64)
+        if key not in splits:
+            splits[key] = task.load_split(str(data), name, image_size=size, progress=progress)
+        return splits[key]
+
+    rows = []
+    for variant in variants:
+        run_dir = out_dir / variant
+        log.info("ablation: training %s into %s", variant, run_dir)
+        options = {**model_options, **CLASSIFY_VARIANTS[variant]}
+        cfg = TrainConfig(**base, task="classify", data=str(data), out=str(run_dir), epochs=epochs, seed=seed,
+                          progress=progress, model=options)
+        size = options.get("image_size")
+        train(cfg, train_split=split("train", size), eval_split=split("test", size))
+        model = task.load_model(run_dir, device=resolve_device(cfg.device))
+        test = split("test", model.config.image_size)
+        t0 = time.perf_counter()
+        result = task.evaluate(model, test)
+        seconds = time.perf_counter() - t0
+        metrics = read_metrics(run_dir / "metrics.jsonl")
+        train_seconds = sum(r["seconds"] for r in metrics)
+        train_images = sum(r["questions_per_second"] * r["seconds"] for r in metrics)
+        rows.append({"variant": variant, "accuracy": result.accuracy,
+                     "params": sum(p.numel() for p in model.parameters()),
+                     "seconds_per_epoch": train_seconds / len(metrics),
+                     "train_images_per_second": train_images / train_seconds,
+                     "inference_images_per_second": len(test) / seconds, "run_dir": str(run_dir)})
+    threads = torch.get_num_threads()
+    header = (f"Classifier ablation on `{data}`: {epochs} epoch{'s' if epochs != 1 else ''}, seed {seed}, "
+              f"{threads} CPU thread{'s' if threads != 1 else ''}.")
+    write_results(rows, out_dir, header=header, columns=CLASSIFY_COLUMNS, name="variant", metric="accuracy")
+    return rows

@@ -19,6 +19,7 @@ from mmfuse import __version__
 from mmfuse import fusion as fusion_registry
 from mmfuse.attention import IMPLS
 from mmfuse.device import PRECISIONS
+from mmfuse.presets import PRESETS, apply_preset
 
 __all__ = ["main"]
 
@@ -79,19 +80,24 @@ def _add_device(p: argparse.ArgumentParser, *, precision: bool = True) -> None:
 
 def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="easy-vqa",
-                   help="'easy-vqa' (built in) or a directory with train.jsonl and test.jsonl (default: easy-vqa)")
+                   help="'easy-vqa' (built in) or a directory with train/test .jsonl or .parquet (default: easy-vqa)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     d = _vqa_default
     g = p.add_argument_group("model")
     g.add_argument("--fusion", choices=fusion_registry.available(), help=f"fusion by name {d('fusion')}")
-    g.add_argument("--vision", choices=["cnn", "vgg11", "vgg16"], help=f"vision encoder {d('vision')}")
+    g.add_argument("--vision", type=_encoder_choice("cnn", "vgg11", "vgg16"), metavar="{cnn,vgg11,vgg16,hf:PATH}",
+                   help=f"vision encoder; hf:PATH a local Hugging Face vision model, frozen {d('vision')}")
+    g.add_argument("--vision-finetune", action="store_true", default=None,
+                   help="train the hf:PATH vision model too (default: frozen)")
     g.add_argument("--vgg-width", type=float, help=f"channel multiplier of VGG, 1.0 = the original {d('vgg_width')}")
     g.add_argument("--pool-queries", type=int,
                    help=f"pool the image tokens to this many latents first, 0: off {d('pool_queries')}")
-    g.add_argument("--text", choices=["transformer", "hf"],
-                   help=f"own small transformer, or a Hugging Face model {d('text')}")
+    g.add_argument("--text", type=_encoder_choice("transformer", "hf"), metavar="{transformer,hf,hf:PATH}",
+                   help=f"own small transformer, the bundled MiniLM (hf), or a local Hugging Face model {d('text')}")
+    g.add_argument("--text-pooling", choices=["none", "cls", "mean"],
+                   help=f"a Hugging Face text model's tokens, or one pooled token {d('text_pooling')}")
     g.add_argument("--hf-path", help="folder of a Hugging Face model (default with --text hf: the bundled MiniLM)")
     g.add_argument("--hf-finetune", action="store_true", help="train the Hugging Face encoder too (default: frozen)")
     g.add_argument("--dim", type=int, help=f"fusion width {d('dim')}")
@@ -105,6 +111,69 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-q", type=int, help="--impl chunked/local: queries per tile (default: 512, local 256)")
     g.add_argument("--block-k", type=int, help="--impl chunked/local: keys per tile (default: 1024)")
     g.add_argument("--image-size", type=int, help=f"images are resized to this square size {d('image_size')}")
+    g.add_argument("--fusion-options", type=_json_object, metavar="JSON",
+                   help='extra arguments of the fusion, e.g. \'{"image_depth": 0}\' (replaces a preset\'s)')
+    g.add_argument("--resize", choices=["squash", "pad", "crop"],
+                   help=f"non-square images: stretch, letterbox on black, or centre-crop {d('resize')}")
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _encoder_choice(*names: str) -> Any:
+    """An argparse type accepting ``names`` or ``hf:PATH``."""
+
+    def parse(value: str) -> str:
+        if value in names or (value.startswith("hf:") and len(value) > 3):
+            return value
+        raise argparse.ArgumentTypeError(f"invalid choice {value!r} (choose from {', '.join(names)}, hf:PATH)")
+
+    return parse
+
+
+def _classify_default(name: str) -> str:
+    from mmfuse.models.classifier import ImageClassifierConfig
+
+    return f"(default: {_default(ImageClassifierConfig, name)})"
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block numbers such as 2,3,4,5, got {text!r}") from e
+
+
+def _add_classify_args(p: argparse.ArgumentParser) -> None:
+    """The classify task's model flags (the other classifier settings share the VQA flags' names)."""
+    from mmfuse.models.classifier import BACKBONES
+
+    d = _classify_default
+    g = p.add_argument_group("classifier (--task classify)")
+    g.add_argument("--backbone", choices=BACKBONES, help=f"image backbone; resnet is the no-context baseline "
+                   f"{d('backbone')}")
+    g.add_argument("--width", type=float, help=f"backbone channel multiplier, 1.0 = the original {d('width')}")
+    g.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"BatchNorm after every VGG conv {d('batch_norm')}")
+    g.add_argument("--context", choices=["none", "text", "image"],
+                   help="the context the classifier reads (default: the data's for VGG, none for ResNet)")
+    g.add_argument("--context-dim", type=int, help=f"width of the context tokens {d('context_dim')}")
+    g.add_argument("--context-depth", type=int, help=f"blocks of the context text encoder {d('context_depth')}")
+    g.add_argument("--levels", type=_levels, help="VGG blocks (2-5) whose maps cross-attend to the context, "
+                   "comma-separated (default: 5)")
+    g.add_argument("--head", choices=["mean", "flatten"],
+                   help=f"classifier input: the averaged or the flattened last map {d('head')}")
+    g.add_argument("--attn-dropout", type=float, help=f"dropout of the attention {d('attn_dropout')}")
+    g.add_argument("--residual", choices=["norm", "gate"],
+                   help=f"how each level's attention joins the map: post-LayerNorm, or a tanh gate from 0 "
+                        f"{d('residual')}")
 
 
 def _model_fields() -> set[str]:
@@ -128,10 +197,11 @@ def _model_options(args: argparse.Namespace, task: str = "vqa") -> dict[str, Any
     options = {name: getattr(args, name) for name in own if getattr(args, name, None) is not None}
     if getattr(args, "hf_finetune", False):
         options["hf_freeze"] = False
-    if options.get("text") == "hf" and "hf_path" not in options:
-        from mmfuse.encoders.hf import default_hf_model_path
+    vision = str(options.get("vision", ""))
+    if vision.startswith("hf:") and "image_size" not in options:  # decode images at the model's own size
+        from mmfuse.encoders.hf_vision import image_size
 
-        options["hf_path"] = str(default_hf_model_path())
+        options["image_size"] = image_size(vision[3:])
     return options
 
 
@@ -205,7 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true", help="write RUN_DIR/report.md after training")
     p.add_argument("--json", action="store_true", help="print the last epoch's metrics as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--preset", "--recipe", dest="preset", choices=sorted(PRESETS),
+                   help="start from a named recipe; flags given here override it (seed003: SGD momentum 0.9, "
+                        "StepLR every 5 epochs x0.1, 10x attention learning rate; sort-of-clevr: see the README)")
     _add_model_args(p)
+    _add_classify_args(p)
     _add_train_args(p)
 
     p = sub.add_parser("evaluate", help="accuracy of a trained model on a split")
@@ -218,17 +292,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     p.add_argument("--bf16", action="store_const", const="bf16", dest="precision", help="the same as --precision bf16")
 
-    p = sub.add_parser("predict", help="answer one question about one image")
+    p = sub.add_parser("predict", help="answer one question about one image, classify one image, or answer every "
+                       "line of a split")
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a run directory (or saved model)")
-    p.add_argument("--image", required=True, metavar="PATH", help="an image file")
-    p.add_argument("--question", required=True, metavar="TEXT", help="the question")
+    p.add_argument("--image", metavar="PATH", help="an image file")
+    p.add_argument("--question", metavar="TEXT", help="the question (VQA models)")
+    p.add_argument("--context", metavar="TEXT", help="the text context (classifiers that read one)")
+    p.add_argument("--context-image", metavar="PATH", help="the context image (classifiers that read one)")
+    p.add_argument("--data", metavar="DIR", help="VQA models, instead of --image/--question: a dataset directory, "
+                   "every line of --split answered (lines need no 'answer') into --predictions")
+    p.add_argument("--split", default="test", metavar="NAME", help="the split of --data: NAME.jsonl or NAME.parquet")
+    p.add_argument("--predictions", metavar="OUT.jsonl", help="with --data: one JSON line per question")
     p.add_argument("--attention-map", metavar="OUT.png", help="write the attention over the image")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_device(p)
 
     p = sub.add_parser("ablate", help="train several fusions with the same budget and tabulate them")
     _add_data(p)
+    p.add_argument("--task", choices=["vqa", "classify"], default="vqa",
+                   help="vqa: compare fusions; classify: compare classifier variants (--variants)")
     p.add_argument("--fusions", help="comma-separated fusion names (default: a representative set)")
+    p.add_argument("--variants", help="--task classify: comma-separated variants (default: vgg16, vgg16-xattn, "
+                   "vgg16-xattn-8h, vgg16-multilevel, resnet18)")
+    p.add_argument("--preset", "--recipe", dest="preset", choices=sorted(PRESETS),
+                   help="a named recipe of training settings (see mmfuse train --help)")
+    p.add_argument("--width", type=float, help="--task classify: backbone channel multiplier (default: 1.0)")
+    p.add_argument("--image-size", type=int, help="images are resized to this square size (default: the data's)")
+    p.add_argument("--images-per-batch", type=int, help="batch size (default: the training default)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the recipe's, else the training default)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the cores not already busy)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per fusion (default: the training default)")
     p.add_argument("--seed", type=int, default=0, help="seed of every run")
     p.add_argument("--out", default="runs/ablation", help="folder of the runs and the table")
@@ -236,14 +328,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
 
     p = sub.add_parser("make-dataset", help="write a synthetic dataset as a JSONL directory")
-    p.add_argument("kind", choices=["relational"],
-                   help="relational: several shapes per image, questions about their spatial relations")
+    p.add_argument("kind", choices=["relational", "sort-of-clevr", "context"],
+                   help="relational: several shapes per image, questions about their spatial relations; "
+                        "sort-of-clevr: the benchmark of Santoro et al. 2017 (six objects, 75 px); "
+                        "context: several shapes per image, a context names one, the label is its shape")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write")
-    p.add_argument("--train-images", type=int, default=4000, help="training images")
-    p.add_argument("--test-images", type=int, default=1000, help="test images")
-    p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
-    p.add_argument("--objects", type=int, default=4, help="objects per image")
+    p.add_argument("--train-images", type=int, help="default: 4000 (relational, context), 9800 (sort-of-clevr)")
+    p.add_argument("--test-images", type=int, help="default: 1000 (relational, context), 200 (sort-of-clevr)")
+    p.add_argument("--image-size", type=int, help="default: 64 (relational, context), 75 (sort-of-clevr)")
+    p.add_argument("--objects", type=int, default=4, help="objects per image (relational, context)")
+    p.add_argument("--object-radius", type=int, default=5, help="half the object width in pixels (sort-of-clevr)")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
+    p.add_argument("--context", choices=["text", "image"], default="text",
+                   help="context: name the object's colour (text) or show it (an image)")
+    p.add_argument("--label", choices=["shape", "position"], default="shape",
+                   help="context: the label is the named object's shape, or the quadrant it sits in")
 
     p = sub.add_parser("robustness", help="accuracy under image and text perturbations")
     p.add_argument("--checkpoint", required=True, action="append", metavar="RUN_DIR",
@@ -295,6 +394,7 @@ _RESUME_OK = frozenset({"device", "threads", "compile"})
 def _resume_conflicts(args: argparse.Namespace) -> list[str]:
     """The flags given with --resume that set a training or model setting (which the run already has)."""
     fields = {*_train_fields(), *_model_fields(), "hf_finetune"} - _RESUME_OK
+    fields.add("preset")
     given = [name for name, value in vars(args).items() if name in fields and value not in (None, False)]
     return ["--" + name.replace("_", "-") for name in sorted(given)]
 
@@ -322,9 +422,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                             allow_data_change=args.allow_data_change, **overrides)
             out = Path(args.resume)
         else:
-            options = _train_options(args)
+            preset_train, preset_model = apply_preset(args.preset, {}, {}) if args.preset else ({}, {})
+            options = {**preset_train, **_train_options(args)}
             task = options.get("task", "vqa")
-            model = _model_options(args, task)
+            model = {**preset_model, **_model_options(args, task)}
             out = Path(args.out or _default_out(task, model, options.get("seed", 0)))
             cfg = TrainConfig(data=args.data, out=str(out), progress=progress, model=model, **options)
             result = Trainer(cfg, overwrite=args.overwrite).fit()
@@ -336,12 +437,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=None))
         print(f"model saved in {out}")
     if args.report:
-        from mmfuse.report import write_report
+        if _is_classifier_run(out):
+            from mmfuse.classify_report import write_report
+        else:
+            from mmfuse.report import write_report
 
         report = write_report(out)
         if not args.json:
             print(f"report: {report}")
     return 0
+
+
+def _is_classifier_run(run: Path) -> bool:
+    from mmfuse.io import read_json
+    from mmfuse.models.classifier import MODEL_TYPE
+
+    return read_json(run / "config.json").get("model_type") == MODEL_TYPE
 
 
 def _load_model(run: Path, device: str) -> Any:
@@ -386,11 +497,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mmfuse.models import VQAModel
 
     model = _load_model(Path(args.checkpoint), args.device)
+    from mmfuse.models.classifier import ImageClassifier
+
+    if isinstance(model, ImageClassifier):
+        if args.image is None:
+            raise UsageError(f"{args.checkpoint} is an image classifier: pass --image")
+        return _predict_class(model, args)
     if not isinstance(model, VQAModel):
         raise UsageError(f"{args.checkpoint}: predict answers questions with a VQA model, this is a "
                          f"{model.model_type} model")
     device = next(model.parameters()).device
-    image = load_image(args.image, model.config.image_size)  # (3, S, S) uint8
+    if args.data:
+        return _predict_split(model, args)
+    if not (args.image and args.question):
+        raise UsageError(f"{args.checkpoint} is a VQA model: pass --image and --question, or --data and "
+                         "--predictions")
+    image = load_image(args.image, model.config.image_size, resize=model.config.resize)  # (3, S, S) uint8
     probs = model.answer(image[None].to(device), [args.question])[0].cpu()
     top = probs.topk(min(5, len(probs)))
     names = model.answers.names
@@ -410,8 +532,99 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_split(model: Any, args: argparse.Namespace) -> int:
+    from mmfuse import tasks
+    from mmfuse.data import load_split
+    from mmfuse.device import resolve_precision
+    from mmfuse.evaluate import unknown_words, write_answers
+
+    if not args.predictions:
+        raise UsageError("predict --data needs --predictions OUT.jsonl")
+    task = tasks.for_model(model)
+    split = load_split(args.data, args.split, image_size=model.config.image_size, require_answers=False,
+                       resize=model.config.resize)
+    unknown = unknown_words(model, split.questions)
+    if unknown:
+        log.warning("%d question words were never seen in training and are read as unknown: %s%s", len(unknown),
+                    ", ".join(repr(w) for w in unknown[:10]), " ..." if len(unknown) > 10 else "")
+    device = next(model.parameters()).device
+    result = task.evaluate(model, split, device=device, precision=resolve_precision(args.precision, device))
+    write_answers(result, args.predictions)
+    print(f"wrote {len(split)} predictions to {args.predictions}")
+    return 0
+
+
+def _predict_class(model: Any, args: argparse.Namespace) -> int:
+    """``predict`` for an image classifier: the image's class given its context (if the model reads one)."""
+    from mmfuse.data import load_image
+
+    kind = model.config.context
+    flags = {"text": ("--context", args.context), "image": ("--context-image", args.context_image),
+             "question": ("--question", args.question)}
+    if kind != "none" and flags[kind][1] is None:
+        raise UsageError(f"{args.checkpoint} reads a {kind} context: pass {flags[kind][0]}")
+    extra = [flag for k, (flag, value) in flags.items() if value is not None and k != kind]
+    if extra:
+        raise UsageError(f"{', '.join(extra)}: not read by this classifier (context {kind!r})")
+    device = next(model.parameters()).device
+    size = model.config.image_size
+    image = load_image(args.image, size)  # (3, S, S) uint8
+    context_image = load_image(args.context_image, size) if kind == "image" else None
+    if args.attention_map and kind != "none" and model.vgg is not None:
+        from mmfuse.classify_report import attention_map
+
+        attention_map(model, image, args.attention_map, context=args.context, context_image=context_image)
+    elif args.attention_map:
+        raise UsageError(f"{args.checkpoint}: no attention maps, this classifier reads no context")
+    probs = model.classify(image[None].to(device), [args.context] if kind == "text" else None,
+                           None if context_image is None else context_image[None].to(device))[0].cpu()
+    top = probs.topk(min(5, len(probs)))
+    names = model.labels.names
+    ranked = [(names[int(i)], float(p)) for p, i in zip(top.values, top.indices, strict=True)]
+    if args.json:
+        print(json.dumps({"image": args.image, "context": args.context, "context_image": args.context_image,
+                          "label": ranked[0][0], "top5": ranked}))
+    else:
+        print(f"{args.image} -> {ranked[0][0]}")
+        for name, p in ranked:
+            print(f"  {p:6.1%}  {name}")
+        if args.attention_map:
+            print(f"attention map: {args.attention_map}")
+    return 0
+
+
+def _ablate_classify(args: argparse.Namespace) -> int:
+    from mmfuse.ablate import CLASSIFY_VARIANTS, DEFAULT_CLASSIFY_VARIANTS, run_classify_ablation
+    from mmfuse.train import TrainConfig
+
+    if args.fusions:
+        raise UsageError("--fusions compares VQA fusions; with --task classify use --variants")
+    variants = ([v.strip() for v in args.variants.split(",") if v.strip()] if args.variants
+                else list(DEFAULT_CLASSIFY_VARIANTS))
+    unknown = [v for v in variants if v not in CLASSIFY_VARIANTS]
+    if unknown:
+        raise UsageError(f"unknown variant(s) {unknown}; choose from {list(CLASSIFY_VARIANTS)}")
+    given = {k: getattr(args, k) for k in ("images_per_batch", "lr", "threads") if getattr(args, k) is not None}
+    base: dict[str, Any] = {"device": args.device, **({"precision": args.precision} if args.precision else {}),
+                            **(apply_preset(args.preset, given, {})[0] if args.preset else given)}
+    base["model"] = {k: getattr(args, k) for k in ("width", "image_size") if getattr(args, k) is not None}
+    epochs = args.epochs if args.epochs is not None else TrainConfig.__dataclass_fields__["epochs"].default
+    run_classify_ablation(data=args.data, variants=variants, epochs=epochs, seed=args.seed, out_dir=args.out,
+                          base=base, progress=False if args.no_progress else None)
+    print((Path(args.out) / "results.md").read_text(encoding="utf-8"))
+    return 0
+
+
 def cmd_ablate(args: argparse.Namespace) -> int:
     from mmfuse.ablate import DEFAULT_FUSIONS, run_ablation
+
+    if args.task == "classify":
+        return _ablate_classify(args)
+    vqa_only = [f for f, v in (("--variants", args.variants), ("--preset", args.preset), ("--width", args.width),
+                               ("--image-size", args.image_size), ("--images-per-batch", args.images_per_batch),
+                               ("--lr", args.lr), ("--threads", args.threads)) if v is not None]
+    if vqa_only:
+        raise UsageError(f"{', '.join(vqa_only)}: only with --task classify")
 
     fusions = [f.strip() for f in args.fusions.split(",") if f.strip()] if args.fusions else list(DEFAULT_FUSIONS)
     unknown = [f for f in fusions if f not in fusion_registry.available()]
@@ -428,11 +641,24 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_make_dataset(args: argparse.Namespace) -> int:
-    from mmfuse.data.relational import write_relational_dataset
+    sizes = {k: v for k, v in (("num_train_images", args.train_images), ("num_test_images", args.test_images),
+                               ("image_size", args.image_size)) if v is not None}
+    if args.kind == "context":
+        from mmfuse.data.context_shapes import write_context_dataset
 
-    root = write_relational_dataset(args.out, num_train_images=args.train_images,
-                                    num_test_images=args.test_images, image_size=args.image_size,
-                                    num_objects=args.objects, seed=args.seed)
+        root = write_context_dataset(args.out, num_objects=args.objects, context=args.context, label=args.label,
+                                     seed=args.seed, **sizes)
+        print(f"wrote {root} (train.jsonl, test.jsonl, images/); train on it with: "
+              f"mmfuse train --task classify --data {root}")
+        return 0
+    if args.kind == "sort-of-clevr":
+        from mmfuse.data.sort_of_clevr import write_sort_of_clevr
+
+        root = write_sort_of_clevr(args.out, object_radius=args.object_radius, seed=args.seed, **sizes)
+    else:
+        from mmfuse.data.relational import write_relational_dataset
+
+        root = write_relational_dataset(args.out, num_objects=args.objects, seed=args.seed, **sizes)
     print(f"wrote {root} (train.jsonl, test.jsonl, images/); train on it with: mmfuse train --data {root}")
     return 0
 
@@ -441,6 +667,15 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     from mmfuse.robustness import run_robustness
 
     data = args.data or _run_data(Path(args.checkpoint[0]))
+    if _is_classifier_run(Path(args.checkpoint[0])):
+        from mmfuse.classify_report import run_robustness as run_classify_robustness
+
+        if args.limit is not None:
+            raise UsageError("--limit applies to VQA models only")
+        path = run_classify_robustness(args.checkpoint, data=data, split=args.split, out_dir=args.out,
+                                       seed=args.seed, device=args.device)
+        print(Path(path).read_text(encoding="utf-8"))
+        return 0
     path = run_robustness(args.checkpoint, data=data, split=args.split, out_dir=args.out, limit=args.limit,
                           seed=args.seed, device=args.device)
     print(Path(path).read_text(encoding="utf-8"))

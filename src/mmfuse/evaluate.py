@@ -1,4 +1,4 @@
-"""Evaluation: accuracy overall and per answer type, predictions, and a confusion matrix.
+"""Evaluation: accuracy overall, per answer type and per question kind, predictions, a confusion matrix.
 
 Answers the model's vocabulary lacks (a test answer training never saw) are counted as wrong: the
 model cannot produce them.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmfuse.data import ImageGroupedBatches, VQASplit, encode_answers
+from mmfuse.data import ImageGroupedBatches, VQASplit, WordTokenizer, encode_answers
+from mmfuse.data.vocab import UNK
 from mmfuse.device import autocast
 from mmfuse.models.vqa import VQAModel
 
-__all__ = ["EvalResult", "evaluate", "write_predictions"]
+__all__ = ["EvalResult", "evaluate", "unknown_words", "write_answers", "write_predictions"]
 
 
 @dataclass
@@ -41,19 +42,37 @@ class EvalResult:
     def accuracy(self) -> float:
         return float(self.correct.float().mean()) if len(self.targets) else 0.0
 
-    def groups(self) -> dict[str, float]:
-        """Accuracy per answer type when the dataset has types, else per expected answer."""
-        keys = self.split.answer_types or self.split.answers
+    def groups(self, keys: list[str] | None = None) -> dict[str, float]:
+        """Accuracy per value of ``keys`` (one per question); default: per answer type when the dataset
+        has types, else per expected answer."""
+        keys = keys or self.split.answer_types or self.split.answers
         hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for key, ok in zip(keys, self.correct.tolist(), strict=True):
             hits[key][0] += int(ok)
             hits[key][1] += 1
         return {k: h / n for k, (h, n) in sorted(hits.items())}
 
+    @property
+    def vqa_accuracy(self) -> float | None:
+        """The VQA accuracy, mean of ``min(#annotators who gave the prediction / 3, 1)``, where the split has
+        every annotator's answers; None otherwise."""
+        lists = self.split.answer_lists
+        if lists is None or not lists:
+            return None
+        names = self.answer_names
+        scores = [min(answers.count(names[p]) / 3, 1.0) for answers, p in zip(lists, self.predictions.tolist(),
+                                                                              strict=True)]
+        return sum(scores) / len(scores)
+
     def summary(self) -> dict[str, Any]:
         by = "answer_type" if self.split.answer_types else "answer"
-        return {"accuracy": self.accuracy, "num_examples": len(self.targets),
-                "unknown_answers": int((self.targets < 0).sum()), f"accuracy_by_{by}": self.groups()}
+        out = {"accuracy": self.accuracy, "num_examples": len(self.targets),
+               "unknown_answers": int((self.targets < 0).sum()), f"accuracy_by_{by}": self.groups()}
+        if self.split.kinds:
+            out["accuracy_by_kind"] = self.groups(self.split.kinds)
+        if self.vqa_accuracy is not None:
+            out["vqa_accuracy"] = self.vqa_accuracy
+        return out
 
     def confusion(self) -> Tensor:
         """(A, A) counts: row = expected answer, column = predicted (unknown answers left out)."""
@@ -91,6 +110,33 @@ def evaluate(model: VQAModel, split: VQASplit, *, images_per_batch: int = 128, p
     finally:
         model.train(was_training)
     return EvalResult(split, model.answers.names, targets, predictions.cpu(), probabilities.cpu())
+
+
+def unknown_words(model: VQAModel, questions: list[str]) -> list[str]:
+    """The words of ``questions`` the model's tokenizer never saw in training (read as ``<unk>``), most
+    frequent first; empty for a Hugging Face tokenizer (sub-words cover every word)."""
+    tokenizer = getattr(model.text, "tokenizer", None)
+    if not isinstance(tokenizer, WordTokenizer):
+        return []
+    counts: Counter[str] = Counter()
+    for question in questions:
+        words = tokenizer.tokenize(question)
+        ids = tokenizer.encode([question], max_length=len(words) + 1)[0][0, 1:].tolist()  # after <cls>
+        counts.update(w for w, i in zip(words, ids, strict=True) if i == UNK)
+    return [w for w, _ in counts.most_common()]
+
+
+def write_answers(result: EvalResult, path: str | os.PathLike) -> None:
+    """One JSON line per question of a split that may have no answers: question, image, prediction,
+    probability (and the answer where the line gave one)."""
+    split = result.split
+    names = result.answer_names
+    columns = (result.predictions.tolist(), result.probabilities.tolist(), split.image_index.tolist())
+    with open(Path(path), "w", encoding="utf-8") as f:
+        for q, a, pred, prob, image in zip(split.questions, split.answers, *columns, strict=True):
+            row = {"question": q, "image": split.image_paths[image], "prediction": names[pred],
+                   "probability": round(prob, 6), **({"answer": a} if a else {})}
+            f.write(json.dumps(row) + "\n")
 
 
 def write_predictions(result: EvalResult, path: str | os.PathLike) -> None:

@@ -67,6 +67,7 @@ from mmfuse.layers.common import (
 )
 from mmfuse.layers.cross_attention import AttentionBlock, apply_blocks
 from mmfuse.layers.gated import GatedCrossAttention
+from mmfuse.layers.relational import FiLMReadout, RelationalTransformer, RelationNetwork
 from mmfuse.layers.self_fusion import ModalitySelfAttention, ModalityTokens
 
 __all__ = [
@@ -460,3 +461,84 @@ class FusionTransformer(Fusion):
         text, weights = self.encoder(text_tokens, image_tokens, text_mask=text_mask, image_mask=image_mask,
                                      image_index=image_index, need_weights=need_weights)  # (B, Nt, dim)
         return FusionOutput(masked_mean(text, text_mask), text, weights)
+
+
+# --- Relational fusions (Sort-of-CLEVR): layers in mmfuse.layers.relational. ---
+
+
+@register("relational_transformer")
+class RelationalTransformerFusion(Fusion):
+    """:class:`~mmfuse.layers.relational.RelationalTransformer`: coordinates and ``image_depth``
+    self-attention blocks over the image tokens (once per image), then co-attention blocks for the
+    text; pooled = masked mean of the text tokens. ``out.attention``: text -> image, (B, H, Nt, Ni).
+    With ``question_query=True`` one token per question (the masked mean of its text tokens) takes the
+    text tokens' place: Nt = 1, and far less work per question."""
+
+    attention_layout = TEXT_TO_IMAGE
+
+    def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, num_heads: int = 8, depth: int = 1,
+                 image_depth: int = 2, coordinates: bool = True, question_query: bool = False,
+                 mlp_ratio: float = 4.0, dropout: float = 0.1, impl: str | AttentionConfig = "auto",
+                 max_image_tokens: int | None = None, max_text_tokens: int | None = None) -> None:
+        super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
+        self.encoder = RelationalTransformer(image_dim, text_dim, dim=dim, num_heads=num_heads, depth=depth,
+                                             image_depth=image_depth, coordinates=coordinates,
+                                             question_query=question_query, mlp_ratio=mlp_ratio,
+                                             dropout=dropout, impl=impl, max_image_tokens=max_image_tokens,
+                                             max_text_tokens=max_text_tokens)
+        trust_inputs(self.encoder)
+
+    def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
+                text_mask: Tensor | None = None, image_index: Tensor | None = None,
+                need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask, image_index)
+        text, weights = self.encoder(image_tokens, text_tokens, image_mask=image_mask, text_mask=text_mask,
+                                     image_index=image_index, need_weights=need_weights)  # (B, Nt or 1, dim)
+        return FusionOutput(masked_mean(text, None if self.encoder.question_query else text_mask), text, weights)
+
+
+@register("relation_network")
+class RelationNetworkFusion(Fusion):
+    """Santoro et al.'s :class:`~mmfuse.layers.relational.RelationNetwork` over the image tokens, with
+    the masked mean of the text tokens as the question; no attention (``out.attention`` is None).
+    ``depth`` is the number of layers of the pairwise MLP g. Its cost grows with Ni^2 per question:
+    use few image tokens (e.g. a 5 x 5 grid)."""
+
+    def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, depth: int = 4,
+                 coordinates: bool = True, dropout: float = 0.1) -> None:
+        super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
+        self.rn = RelationNetwork(image_dim, text_dim, dim=dim, g_layers=depth, coordinates=coordinates,
+                                  dropout=dropout)
+        trust_inputs(self.rn)
+
+    def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
+                text_mask: Tensor | None = None, image_index: Tensor | None = None,
+                need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask, image_index)
+        pooled = self.rn(image_tokens, masked_mean(text_tokens, text_mask), object_mask=image_mask,
+                         object_index=image_index)  # (B, dim)
+        return FusionOutput(pooled)
+
+
+@register("film")
+class FiLMFusion(Fusion):
+    """:class:`~mmfuse.layers.relational.FiLMReadout`: image tokens (coordinates, ``image_depth``
+    self-attention blocks, once per image), then ``depth`` question-conditioned FiLM blocks per token
+    and a max over the tokens; ``out.tokens`` are the modulated image tokens, no attention weights."""
+
+    def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, num_heads: int = 8, depth: int = 2,
+                 image_depth: int = 2, coordinates: bool = True, mlp_ratio: float = 4.0, dropout: float = 0.1,
+                 impl: str | AttentionConfig = "auto", max_image_tokens: int | None = None) -> None:
+        super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
+        self.readout = FiLMReadout(image_dim, text_dim, dim=dim, depth=depth, image_depth=image_depth,
+                                   coordinates=coordinates, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                                   dropout=dropout, impl=impl, max_image_tokens=max_image_tokens)
+        trust_inputs(self.readout)
+
+    def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
+                text_mask: Tensor | None = None, image_index: Tensor | None = None,
+                need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask, image_index)
+        pooled, tokens = self.readout(image_tokens, text_tokens, image_mask=image_mask, text_mask=text_mask,
+                                      image_index=image_index)  # (B, dim), (B, Ni, dim)
+        return FusionOutput(pooled, tokens)

@@ -13,7 +13,6 @@ Shapes::
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from mmfuse.fusion import LATENTS_TO_TOKENS, TOKENS_TO_TOKENS
 from mmfuse.io import atomic_write_text, read_json
 from mmfuse.models.vqa import VQAModel
 from mmfuse.plotting import AttentionMaps, attention_figure, confusion_figure, curves_figure, new_figure, save_figure
+from mmfuse.runs import read_metrics
 
 __all__ = [
     "AttentionMaps",
@@ -52,15 +52,6 @@ _save = save_figure
 
 # --------------------------------------------------------------------------------------------------
 # training curves and confusion matrix
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The rows of a ``metrics.jsonl`` (one JSON object per epoch); ``ValueError`` if there are none."""
-    path = Path(path)
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not rows:
-        raise ValueError(f"{path}: no metrics rows")
-    return rows
 
 
 def _is_number(v: object) -> bool:
@@ -91,6 +82,8 @@ def attention_unavailable(model: VQAModel) -> str | None:
     if c.impl not in ("auto", "math"):
         return (f"the model uses impl={c.impl!r}, which computes no attention weights; attention maps need a "
                 "model trained with impl 'auto' or 'math'")
+    if not hasattr(model.vision, "grid"):  # hf: backbones (class tokens), precomputed features
+        return f"the image tokens of vision {c.vision!r} are not laid out on a known grid, so there is no map to draw"
     if c.pool_queries > 0:
         return (f"the image tokens are {c.pool_queries} pooled latents (pool_queries={c.pool_queries}), not "
                 "image positions, so there is no map to draw; use a model with pool_queries=0")

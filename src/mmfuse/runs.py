@@ -72,6 +72,7 @@ class RunLock:
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self._fd: int | None = None
         self.path = Path(run_dir) / LOCK_NAME
+        _check_folder(Path(run_dir))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -97,13 +98,18 @@ class RunLock:
         self.release()
 
 
-def check_new_run_dir(run_dir: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """Refuse a directory a new run cannot start in: a file (or under one), or an existing run unless
-    ``overwrite``, in which case the old run's files are removed first (so no old row joins the new metrics)."""
-    run_dir = Path(run_dir)
+def _check_folder(run_dir: Path) -> None:
     for parent in (run_dir, *run_dir.parents):
         if parent.exists() and not parent.is_dir():
             raise RunDirError(f"{run_dir}: {parent} is a file, not a folder; choose another --out")
+
+
+def check_new_run_dir(run_dir: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Refuse a directory a new run cannot start in: a file (or under one), or an existing run unless
+    ``overwrite``, in which case the old run's files are removed first (so no old row joins the new metrics).
+    Call it holding the directory's :class:`RunLock`."""
+    run_dir = Path(run_dir)
+    _check_folder(run_dir)
     existing = [name for name in _RUN_FILES if (run_dir / name).exists()]
     if existing and not overwrite:
         raise RunDirError(f"{run_dir}: already holds a run ({', '.join(existing)}); continue it with --resume, "

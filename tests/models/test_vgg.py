@@ -20,7 +20,7 @@ def _context(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return context, mask
 
 
-@pytest.mark.parametrize("levels", [(5,), (3, 4, 5)])
+@pytest.mark.parametrize("levels", [(5,), (3, 4, 5), (2, 3, 4, 5)])
 def test_shapes_and_backward(levels):
     torch.manual_seed(0)
     model = VGGCrossAttention(7, context_dim=CTX, levels=levels, **SMALL)
@@ -101,7 +101,8 @@ def test_bad_context_names_the_shape():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"levels": (2, 5)}, "levels"),
+        ({"levels": (1, 5)}, "levels"),
+        ({"levels": (2, 6)}, "levels"),
         ({"levels": (5, 5)}, "levels"),
         ({"levels": ()}, "levels"),
         ({"depth": 19}, "depth"),
@@ -192,3 +193,33 @@ def test_cross_attention_takes_one_attention_config():
     assert lowrank.cross_attention["5"].attn.attn.proj_k.shape == (2, 5)
     with pytest.raises(ValueError, match="needs max_context_tokens"):
         VGGCrossAttention(4, context_dim=6, impl="lowrank", rank=2)
+
+
+def test_warns_once_when_a_level_grid_is_1x1(caplog):
+    with caplog.at_level("WARNING", logger="mmfuse.models.vgg"):
+        VGGCrossAttention(4, context_dim=CTX, levels=(4, 5), **SMALL)  # 32 px: block 5 is 1x1
+    warnings = [r for r in caplog.records if "1x1" in r.getMessage()]
+    assert len(warnings) == 1 and "block(s) 5" in warnings[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmfuse.models.vgg"):
+        VGGCrossAttention(4, context_dim=CTX, levels=(4, 5), **{**SMALL, "image_size": 64})  # 2x2
+    assert not [r for r in caplog.records if "1x1" in r.getMessage()]
+
+
+def test_gated_levels_start_as_the_identity_and_open():
+    torch.manual_seed(0)
+    model = VGGCrossAttention(3, context_dim=CTX, levels=(2, 4), residual="gate", **SMALL).eval()
+    context, mask = _context()
+    images = torch.randn(B, 3, 64, 64)
+    # gates at 0: the context changes nothing yet
+    torch.testing.assert_close(model(images, context, context_mask=mask), model(images, context.flip(0),
+                                                                                 context_mask=mask.flip(0)))
+    logits = model(images, context, context_mask=mask)
+    logits.sum().backward()
+    gates = [model.cross_attention[k].gate for k in ("2", "4")]
+    assert all(g.grad is not None and float(g.grad.abs()) > 0 for g in gates)
+    with torch.no_grad():
+        for g in gates:
+            g.fill_(0.5)
+    assert not torch.allclose(model(images, context, context_mask=mask),
+                              model(images, context.flip(0), context_mask=mask.flip(0)))

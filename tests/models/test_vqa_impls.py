@@ -59,7 +59,9 @@ def test_every_fusion_builds_and_trains_with_the_impl(tiny, fusion, impl):
         loss = torch.nn.functional.cross_entropy(model(split.images, ids, mask, split.image_index), targets)
         optimizer.zero_grad()
         loss.backward()
-        if not losses:  # gradients flow through the layers that run the impl
+        # Gradients flow through the layers that run the impl; checked at the second step, since a fusion
+        # may start unconditioned (film's scale and shift are zero at init, so the text gets none at first).
+        if len(losses) == 1:
             layers = [] if fusion == "image_only" else [model.text]  # image_only ignores the question
             if model.fusion.attention_layout is not None:
                 layers.append(model.fusion)

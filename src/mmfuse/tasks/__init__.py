@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from mmfuse.tasks.base import Batches, EvalOutput, StepOutput, Task
+from mmfuse.tasks.classify import ClassifyTask
 from mmfuse.tasks.vqa import VQATask
 
-__all__ = ["Batches", "EvalOutput", "StepOutput", "Task", "VQATask", "available", "create", "for_model", "register"]
+__all__ = ["Batches", "ClassifyTask", "EvalOutput", "StepOutput", "Task", "VQATask", "available", "create",
+           "for_model", "register"]
 
 _TASKS: dict[str, type[Task]] = {}
 _BY_MODEL_TYPE: dict[str, str] = {}
@@ -43,3 +45,4 @@ def for_model(model: Any, **options: Any) -> Task:
 
 
 register("vqa", VQATask)
+register("classify", ClassifyTask)

@@ -1,0 +1,305 @@
+"""Layers for relational reasoning over image tokens: coordinate features, an image-side relation
+encoder (self-attention among the image tokens before the text reads them), and Santoro et al.'s
+relation network.
+
+Shapes::
+
+    I  images   B  questions (text rows)   N  image tokens on an h x w grid (h == w)   Nt  text tokens
+
+    image_tokens: (I, N, image_dim)   image_mask: (I, N) bool, True = keep
+    text_tokens:  (B, Nt, text_dim)   text_mask:  (B, Nt) bool, True = keep
+    image_index:  (B,) int64, text row b is about image image_index[b]; None means I == B, row b -> b
+
+**Why coordinates.** A relation such as "the object closest to X" is a comparison of positions. The
+tokens of a CNN carry *where* only implicitly (a learned embedding per grid cell); appending each
+token's normalised ``(x, y, x^2 + y^2)`` makes the squared distance between two tokens an exact
+bilinear form of their features, ``|p_i - p_j|^2 = r_i + r_j - 2 p_i . p_j``, which one attention head
+(query . key) or the first layer of a pairwise MLP can compute directly (the relation network adds
+``(x, y)``; the squared radius is what lets a dot product express a distance).
+
+**Why image self-attention.** Every Sort-of-CLEVR relational answer is a property of the named object
+alone given the scene (its closest object's shape, its furthest object's shape, how many others share
+its shape). Self-attention among the image tokens can write those properties into each object's token
+once per image, and the text then only has to find the named object: a two-hop question becomes one
+hop for the text, and the per-image work is shared by all the image's questions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from mmfuse.attention import AttentionConfig
+from mmfuse.layers.co_attention import CoAttention
+from mmfuse.layers.common import (
+    check_context_index,
+    check_mask,
+    check_tokens,
+    gather_rows,
+    init_linear,
+    masked_mean,
+    trust_inputs,
+)
+from mmfuse.layers.cross_attention import AttentionBlock, apply_blocks
+
+__all__ = [
+    "FiLMReadout",
+    "ImageRelationEncoder",
+    "RelationNetwork",
+    "RelationalTransformer",
+    "append_coordinates",
+    "grid_coordinates",
+]
+
+NUM_COORDINATES = 3  # x, y, x^2 + y^2
+
+
+def grid_coordinates(num_tokens: int, *, device: torch.device | None = None,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+    """(N, 3) ``(x, y, x^2 + y^2)`` of the cell centres of a square row-major grid, x and y in [-1, 1].
+
+    Token ``i * w + j`` is row i (y) and column j (x), the order of
+    :func:`~mmfuse.encoders.vision.feature_map_to_tokens`. Raises ``ValueError`` unless ``num_tokens``
+    is a perfect square.
+    """
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens or num_tokens < 1:
+        raise ValueError(f"image tokens must form a square grid (N = h * h), got N = {num_tokens}")
+    centres = (torch.arange(side, device=device, dtype=dtype) + 0.5) * (2.0 / side) - 1.0  # (side,)
+    y, x = torch.meshgrid(centres, centres, indexing="ij")  # (side, side) each
+    x, y = x.reshape(-1), y.reshape(-1)  # (N,)
+    return torch.stack([x, y, x * x + y * y], dim=-1)  # (N, 3)
+
+
+def append_coordinates(image_tokens: Tensor) -> Tensor:
+    """(I, N, C) -> (I, N, C + 3): each token followed by its grid coordinates (see the module docstring)."""
+    I, N, _ = image_tokens.shape
+    coords = grid_coordinates(N, device=image_tokens.device, dtype=image_tokens.dtype)  # (N, 3)
+    return torch.cat([image_tokens, coords.expand(I, N, NUM_COORDINATES)], dim=-1)
+
+
+class ImageRelationEncoder(nn.Module):
+    """Image tokens (+ coordinates) -> Linear to ``dim`` -> ``depth`` self-attention blocks, once per image.
+
+    ``forward(image_tokens (I, N, image_dim), image_mask=None) -> (I, N, dim)``. ``depth=0`` is the
+    projection alone; ``coordinates=False`` leaves positions implicit in the tokens.
+    """
+
+    validate_inputs: bool = True  # False inside a fusion, which checks its inputs once
+
+    def __init__(self, image_dim: int, dim: int, *, depth: int = 2, coordinates: bool = True, num_heads: int = 4,
+                 mlp_ratio: float = 4.0, dropout: float = 0.0, impl: str | AttentionConfig = "auto",
+                 max_image_tokens: int | None = None) -> None:
+        super().__init__()
+        if depth < 0:
+            raise ValueError(f"image_depth must be >= 0, got {depth}")
+        self.image_dim = image_dim
+        self.coordinates = coordinates
+        self.proj = nn.Linear(image_dim + (NUM_COORDINATES if coordinates else 0), dim)
+        self.blocks = nn.ModuleList(
+            AttentionBlock(dim, num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout, impl=impl,
+                           max_tokens=max_image_tokens)
+            for _ in range(depth)
+        )
+        init_linear(self.proj)
+        trust_inputs(self.blocks)  # forward checks the image tokens once
+
+    def forward(self, image_tokens: Tensor, image_mask: Tensor | None = None) -> Tensor:
+        if self.validate_inputs:
+            check_tokens(image_tokens, self.image_dim, "image_tokens", seq="Ni")
+            check_mask(image_mask, image_tokens, "image_mask")
+        x = append_coordinates(image_tokens) if self.coordinates else image_tokens  # (I, N, C + 3)
+        x, _ = apply_blocks(self.blocks, self.proj(x), mask=image_mask)  # (I, N, dim)
+        return x
+
+
+class RelationalTransformer(nn.Module):
+    """:class:`ImageRelationEncoder` (coordinates, ``image_depth`` self-attention blocks) -> a
+    :class:`~mmfuse.layers.CoAttention` stack whose text stream reads the image tokens.
+
+    ``forward(image_tokens, text_tokens, *, image_mask=None, text_mask=None, image_index=None,
+    need_weights=False)`` returns ``(text (B, Nt, dim), weights (B, H, Nt, N) | None)``, the weights of
+    the last text -> image attention. The self-attention runs once per image (before the gather by
+    ``image_index``). ``image_depth=0`` and ``coordinates=False`` leave a plain co-attention stack: the
+    ablation of both ideas.
+
+    ``question_query=True`` sends one token per question, the masked mean of its text tokens, through
+    the co-attention blocks instead of every text token (then Nt = 1 in the output and the weights):
+    the per-question work, which runs ~20 times per image on Sort-of-CLEVR, shrinks by the question
+    length, while the per-image self-attention still does the relational work.
+    """
+
+    validate_inputs: bool = True  # False inside a fusion, which checks its inputs once
+
+    def __init__(self, image_dim: int, text_dim: int, *, dim: int = 64, num_heads: int = 4, depth: int = 2,
+                 image_depth: int = 2, coordinates: bool = True, question_query: bool = False,
+                 mlp_ratio: float = 4.0, dropout: float = 0.0, impl: str | AttentionConfig = "auto",
+                 max_image_tokens: int | None = None, max_text_tokens: int | None = None) -> None:
+        super().__init__()
+        self.image_dim = image_dim
+        self.text_dim = text_dim
+        self.dim = dim
+        self.question_query = question_query
+        self.image = ImageRelationEncoder(image_dim, dim, depth=image_depth, coordinates=coordinates,
+                                          num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout, impl=impl,
+                                          max_image_tokens=max_image_tokens)
+        self.text_stream = CoAttention(text_dim, dim, dim=dim, num_heads=num_heads, depth=depth,
+                                       mlp_ratio=mlp_ratio, dropout=dropout, impl=impl,
+                                       max_text_tokens=1 if question_query else max_text_tokens,
+                                       max_image_tokens=max_image_tokens)
+
+    def encode_image(self, image_tokens: Tensor, image_mask: Tensor | None = None) -> Tensor:
+        """(I, N, image_dim) -> (I, N, dim): coordinates, projection, image self-attention."""
+        return self.image(image_tokens, image_mask)
+
+    def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
+                text_mask: Tensor | None = None, image_index: Tensor | None = None,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        image = self.encode_image(image_tokens, image_mask)  # (I, N, dim)
+        if self.question_query:
+            if self.validate_inputs:
+                check_tokens(text_tokens, self.text_dim, "text_tokens", seq="Nt")
+                check_mask(text_mask, text_tokens, "text_mask")
+            text_tokens, text_mask = masked_mean(text_tokens, text_mask)[:, None], None  # (B, 1, text_dim)
+        return self.text_stream(text_tokens, image, text_mask=text_mask, image_mask=image_mask,
+                                image_index=image_index, need_weights=need_weights)
+
+
+class FiLMReadout(nn.Module):
+    """Question-conditioned (FiLM) residual MLP blocks on every image token, then a max over the tokens.
+
+    Perez et al. 2018 (FiLM) modulate visual features with a per-channel scale and shift predicted
+    from the question. Here the image tokens come from an :class:`ImageRelationEncoder` (once per
+    image); per question, each of ``depth`` blocks computes ``x + relu((1 + gamma) * W LN(x) + beta)``
+    with ``(gamma, beta)`` from the question vector (the masked mean of its text tokens), and the
+    pooled vector is the max over the kept tokens.
+
+    **Why a max.** Finding "the <colour> object" is a selection among ~64 tokens. A softmax over them
+    starts uniform, so each token receives ~1/64 of the gradient and the selection is slow to form; a
+    max sends the whole gradient to the token that responds most, so the question's scale and shift
+    learn directly to make the named object's token respond.
+
+    ``forward(image_tokens, text_tokens, *, image_mask=None, text_mask=None, image_index=None)`` ->
+    ``(pooled (B, dim), tokens (B, N, dim))``; masked tokens never win the max; a row with no kept
+    token pools to zeros.
+    """
+
+    validate_inputs: bool = True  # False inside a fusion, which checks its inputs once
+
+    def __init__(self, image_dim: int, text_dim: int, *, dim: int = 64, depth: int = 2, image_depth: int = 2,
+                 coordinates: bool = True, num_heads: int = 4, mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 impl: str | AttentionConfig = "auto", max_image_tokens: int | None = None) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.text_dim = text_dim
+        self.dim = dim
+        self.image = ImageRelationEncoder(image_dim, dim, depth=image_depth, coordinates=coordinates,
+                                          num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout, impl=impl,
+                                          max_image_tokens=max_image_tokens)
+        self.film = nn.Linear(text_dim, 2 * depth * dim)  # (gamma, beta) for every block
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
+        self.linears = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
+        self.drop = nn.Dropout(dropout)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        for linear in self.linears:
+            init_linear(linear)
+        # gamma = beta = 0 at the start: unconditioned blocks, which the question then learns to steer.
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+
+    def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
+                text_mask: Tensor | None = None, image_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.validate_inputs:
+            check_tokens(text_tokens, self.text_dim, "text_tokens", seq="Nt")
+            check_mask(text_mask, text_tokens, "text_mask")
+        x = self.image(image_tokens, image_mask)  # (I, N, dim)
+        if image_index is not None:
+            if self.validate_inputs:
+                check_context_index(image_index, text_tokens.shape[0], x.shape[0])
+            x = gather_rows(x, image_index)  # (B, N, dim)
+            image_mask = None if image_mask is None else image_mask.index_select(0, image_index)
+        elif x.shape[0] != text_tokens.shape[0]:
+            raise ValueError(f"{x.shape[0]} images for {text_tokens.shape[0]} questions: pass image_index")
+        B, _, D = x.shape  # (B, N, dim)
+        film = self.film(masked_mean(text_tokens, text_mask)).view(B, len(self.linears), 2, 1, D)  # (B, L, 2, 1, D)
+        for i, (norm, linear) in enumerate(zip(self.norms, self.linears, strict=True)):
+            gamma, beta = film[:, i, 0], film[:, i, 1]  # (B, 1, D) each
+            x = x + self.drop(torch.relu((1 + gamma) * linear(norm(x)) + beta))  # (B, N, D)
+        if image_mask is None:
+            return x.amax(dim=1), x
+        keep = image_mask[..., None]  # (B, N, 1)
+        pooled = x.masked_fill(~keep, float("-inf")).amax(dim=1)  # (B, D)
+        return torch.where(keep.any(dim=1), pooled, torch.zeros_like(pooled)), x
+
+
+class RelationNetwork(nn.Module):
+    """Santoro et al. 2017: ``f(sum_{i,j} g([o_i; o_j; q]))`` over every ordered pair of objects.
+
+    The objects ``o_i`` are the image tokens with their coordinates appended (as in the paper, which
+    tags each CNN cell with its position); ``q`` is one vector per question. ``g`` has ``g_layers``
+    ReLU layers of width ``dim``, ``f`` is Linear -> ReLU -> Dropout -> Linear to ``out_dim``.
+
+    ``forward(objects (I, N, object_dim), question (B, question_dim), *, object_mask=None,
+    object_index=None) -> (B, out_dim)``. The first layer of ``g`` is linear in the concatenation, so
+    it is computed as ``A o_i + B o_j + C q``: the object terms once per image, only the sum and the
+    later layers per pair and question, O(B N^2 dim^2) for those. Pairs with a masked object are left
+    out of the sum.
+    """
+
+    validate_inputs: bool = True  # False inside a fusion, which checks its inputs once
+
+    def __init__(self, object_dim: int, question_dim: int, *, dim: int = 256, g_layers: int = 4,
+                 out_dim: int | None = None, coordinates: bool = True, dropout: float = 0.0) -> None:
+        super().__init__()
+        if g_layers < 1:
+            raise ValueError(f"g_layers must be >= 1, got {g_layers}")
+        self.object_dim = object_dim
+        self.question_dim = question_dim
+        self.coordinates = coordinates
+        in_dim = object_dim + (NUM_COORDINATES if coordinates else 0)
+        self.g_left = nn.Linear(in_dim, dim)
+        self.g_right = nn.Linear(in_dim, dim, bias=False)
+        self.g_question = nn.Linear(question_dim, dim, bias=False)
+        self.g_rest = nn.ModuleList(nn.Linear(dim, dim) for _ in range(g_layers - 1))
+        self.f = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, out_dim or dim))
+        self.out_dim = out_dim or dim
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                init_linear(m)
+
+    def forward(self, objects: Tensor, question: Tensor, *, object_mask: Tensor | None = None,
+                object_index: Tensor | None = None) -> Tensor:
+        if self.validate_inputs:
+            check_tokens(objects, self.object_dim, "objects", seq="N")
+            check_mask(object_mask, objects, "object_mask")
+        if question.dim() != 2 or question.shape[-1] != self.question_dim:
+            raise ValueError(f"question must have shape (B, {self.question_dim}), got {tuple(question.shape)}")
+        if object_index is None:
+            if question.shape[0] != objects.shape[0]:
+                raise ValueError(f"{objects.shape[0]} object sets for {question.shape[0]} questions: "
+                                 "pass object_index")
+        elif self.validate_inputs:
+            check_context_index(object_index, question.shape[0], objects.shape[0])
+        x = append_coordinates(objects) if self.coordinates else objects  # (I, N, C + 3)
+        left, right = self.g_left(x), self.g_right(x)  # (I, N, dim) each, once per image
+        if object_index is not None:
+            left, right = gather_rows(left, object_index), gather_rows(right, object_index)  # (B, N, dim)
+        q = self.g_question(question)  # (B, dim)
+        h = torch.relu(left[:, :, None] + right[:, None, :] + q[:, None, None])  # (B, N, N, dim)
+        for layer in self.g_rest:
+            h = torch.relu(layer(h))  # (B, N, N, dim)
+        if object_mask is None:
+            pairs = h.sum(dim=(1, 2))  # (B, dim)
+        else:
+            keep = object_mask if object_index is None else object_mask.index_select(0, object_index)  # (B, N)
+            pair_keep = (keep[:, :, None] & keep[:, None, :]).to(h.dtype)  # (B, N, N)
+            pairs = torch.einsum("bijd,bij->bd", h, pair_keep)  # (B, dim)
+        return self.f(pairs)  # (B, out_dim)

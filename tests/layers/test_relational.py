@@ -1,0 +1,220 @@
+"""Relational layers and fusions: coordinates, image self-attention, the relation network against a
+pair-by-pair reference, masks, shared images, registry, and a few training steps."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from mmfuse import fusion
+from mmfuse.layers.relational import (
+    FiLMReadout,
+    RelationalTransformer,
+    RelationNetwork,
+    append_coordinates,
+    grid_coordinates,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+IMAGE_DIM, TEXT_DIM, DIM, HEADS = 12, 10, 16, 4
+NAMES = ["relational_transformer", "relation_network", "film"]
+
+
+def make(name: str, **kwargs) -> fusion.Fusion:
+    return fusion.create(name, image_dim=IMAGE_DIM, text_dim=TEXT_DIM, dim=DIM, num_heads=HEADS, depth=2,
+                         dropout=0.0, **kwargs)
+
+
+def batch(I: int = 3, N: int = 9, B: int = 5, Nt: int = 4):
+    """I images of N = 3 x 3 tokens, B questions over them, some tokens padded."""
+    image = torch.randn(I, N, IMAGE_DIM)
+    text = torch.randn(B, Nt, TEXT_DIM)
+    image_mask = torch.arange(N)[None, :] < torch.tensor([N, 5, 7])[:I, None]
+    text_mask = torch.arange(Nt)[None, :] < torch.tensor([4, 1, 3, 2, 4])[:B, None]
+    index = torch.tensor([2, 0, 2, 1, 0])[:B]
+    return image, text, image_mask, text_mask, index
+
+
+def test_grid_coordinates_are_cell_centres_row_major():
+    c = grid_coordinates(4)
+    assert_close(c, torch.tensor([[-0.5, -0.5, 0.5], [0.5, -0.5, 0.5], [-0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]))
+    c = grid_coordinates(25)
+    assert_close(c[12], torch.tensor([0.0, 0.0, 0.0]))  # centre of a 5 x 5 grid
+    assert_close(c[:, 0].unique(), torch.tensor([-0.8, -0.4, 0.0, 0.4, 0.8]))
+    with pytest.raises(ValueError, match=re.escape("square grid (N = h * h), got N = 6")):
+        grid_coordinates(6)
+    x = torch.randn(2, 9, 5)
+    out = append_coordinates(x)
+    assert out.shape == (2, 9, 8) and torch.equal(out[..., :5], x) and torch.equal(out[1, :, 5:], grid_coordinates(9))
+
+
+def test_registered_and_buildable_by_name():
+    assert set(NAMES) <= set(fusion.available())
+    assert isinstance(make("relational_transformer", image_depth=1).encoder, RelationalTransformer)
+    assert isinstance(make("relation_network").rn, RelationNetwork)
+    assert isinstance(make("film", image_depth=0).readout, FiLMReadout)
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        make("relation_network", image_depth=2)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_backward_reaches_every_parameter(name):
+    model = make(name).train()
+    image, text, image_mask, text_mask, index = batch()
+    image.requires_grad_()
+    out = model(image, text, image_mask=image_mask, text_mask=text_mask, image_index=index)
+    assert out.pooled.shape == (5, DIM) and model.out_dim == DIM
+    out.pooled.square().sum().backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+        assert p.grad.abs().sum() > 0, f"no gradient reaches {n}"
+    assert image.grad[image_mask].abs().sum() > 0 and (image.grad[~image_mask] == 0).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_padded_positions_change_nothing(name):
+    model = make(name).eval()
+    image, text, image_mask, text_mask, index = batch()
+    out = model(image, text, image_mask=image_mask, text_mask=text_mask, image_index=index).pooled
+    image2 = torch.where(image_mask[..., None], image, 100 * torch.randn_like(image))
+    text2 = torch.where(text_mask[..., None], text, 100 * torch.randn_like(text))
+    assert_close(model(image2, text2, image_mask=image_mask, text_mask=text_mask, image_index=index).pooled, out)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shared_images_equal_gathering_first(name):
+    model = make(name).eval()
+    image, text, image_mask, text_mask, index = batch()
+    shared = model(image, text, image_mask=image_mask, text_mask=text_mask, image_index=index, need_weights=True)
+    gathered = model(image[index], text, image_mask=image_mask[index], text_mask=text_mask, need_weights=True)
+    assert_close(shared.pooled, gathered.pooled)
+    if name == "relational_transformer":
+        assert shared.attention.shape == (5, HEADS, 4, 9)
+        assert_close(shared.attention, gathered.attention)
+        assert (shared.attention.masked_select(~image_mask[index][:, None, None, :]) == 0).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("coordinates", [True, False])
+def test_coordinates_make_token_order_matter(name, coordinates):
+    """Without coordinates both fusions are blind to where a token is (a permutation of the image tokens
+    changes nothing); with them, the same contents at other positions give another answer."""
+    model = make(name, coordinates=coordinates).eval()
+    image, text, _, _, index = batch()
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(0))
+    out, permuted = model(image, text, image_index=index).pooled, model(image[:, perm], text, image_index=index).pooled
+    if coordinates:
+        assert not torch.allclose(out, permuted, atol=1e-4)
+    else:
+        assert_close(out, permuted)
+
+
+@pytest.mark.parametrize("image_depth", [0, 2])
+@pytest.mark.parametrize("name", ["relational_transformer", "film"])
+def test_image_self_attention_lets_tokens_see_each_other(name, image_depth):
+    model = make(name, image_depth=image_depth).eval()
+    enc = model.encoder.image if name == "relational_transformer" else model.readout.image
+    image = torch.randn(1, 9, IMAGE_DIM)
+    changed = image.clone()
+    changed[0, 8] += 3.0
+    a, b = enc(image), enc(changed)
+    assert torch.allclose(a[0, :8], b[0, :8]) == (image_depth == 0)
+
+
+def test_relation_network_equals_pair_by_pair_reference():
+    torch.manual_seed(0)
+    rn = RelationNetwork(IMAGE_DIM, TEXT_DIM, dim=DIM, g_layers=3, out_dim=7).double()
+    objects = torch.randn(2, 4, IMAGE_DIM, dtype=torch.double)
+    question = torch.randn(3, TEXT_DIM, dtype=torch.double)
+    index = torch.tensor([1, 0, 1])
+    mask = torch.tensor([[True, True, True, True], [True, False, True, False]])
+    # g's first layer on the explicit concatenation [o_i; o_j; q], as in the paper
+    w = torch.cat([rn.g_left.weight, rn.g_right.weight, rn.g_question.weight], dim=1)
+    expected = []
+    for b in range(3):
+        o = append_coordinates(objects)[index[b]]
+        total = 0
+        for i in range(4):
+            for j in range(4):
+                if mask[index[b], i] and mask[index[b], j]:
+                    h = torch.relu(w @ torch.cat([o[i], o[j], question[b]]) + rn.g_left.bias)
+                    for layer in rn.g_rest:
+                        h = torch.relu(layer(h))
+                    total = total + h
+        expected.append(rn.f(total))
+    assert_close(rn(objects, question, object_mask=mask, object_index=index), torch.stack(expected))
+    assert torch.autograd.gradcheck(lambda o, q: rn(o, q, object_mask=mask, object_index=index),
+                                    (objects.requires_grad_(), question.requires_grad_()))
+
+
+def test_relation_network_rejects_bad_shapes():
+    rn = RelationNetwork(IMAGE_DIM, TEXT_DIM, dim=DIM)
+    with pytest.raises(ValueError, match=re.escape(f"question must have shape (B, {TEXT_DIM}), got (3, 4)")):
+        rn(torch.randn(3, 9, IMAGE_DIM), torch.randn(3, 4))
+    with pytest.raises(ValueError, match="2 object sets for 3 questions: pass object_index"):
+        rn(torch.randn(2, 9, IMAGE_DIM), torch.randn(3, TEXT_DIM))
+    with pytest.raises(ValueError, match=re.escape(f"objects must have shape (B, N, {IMAGE_DIM}), got (2, 9, 5)")):
+        rn(torch.randn(2, 9, 5), torch.randn(2, TEXT_DIM))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_learns_a_positional_relation_in_a_few_steps(name):
+    """Which of two marked tokens is further right: a relation between positions, not contents."""
+    torch.manual_seed(0)
+    model = make(name, **({} if name == "relation_network" else {"image_depth": 1}))
+    head = torch.nn.Linear(DIM, 2)
+    opt = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=3e-3)
+    text = torch.zeros(32, 1, TEXT_DIM)
+
+    def sample():
+        image = torch.zeros(32, 9, IMAGE_DIM)
+        a, b = torch.randint(0, 9, (2, 32))
+        b = torch.where(a % 3 == b % 3, (b + 1) % 9, b)  # different columns
+        image[torch.arange(32), a, 0] = 1.0
+        image[torch.arange(32), b, 1] = 1.0
+        return image, (a % 3 > b % 3).long()
+
+    losses = []
+    for _ in range(60):
+        image, y = sample()
+        loss = torch.nn.functional.cross_entropy(head(model(image, text).pooled), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+
+
+def test_question_query_sends_one_token_per_question():
+    model = make("relational_transformer", question_query=True).eval()
+    image, text, image_mask, text_mask, index = batch()
+    out = model(image, text, image_mask=image_mask, text_mask=text_mask, image_index=index, need_weights=True)
+    assert out.tokens.shape == (5, 1, DIM) and out.attention.shape == (5, HEADS, 1, 9)
+    assert_close(out.pooled, out.tokens[:, 0])
+    # the query is the masked mean of the text tokens: padding and the order of kept tokens do not matter
+    text2 = torch.where(text_mask[..., None], text, 100 * torch.randn_like(text))
+    text2[0] = text2[0].flip(0)  # row 0 keeps all 4 tokens
+    assert_close(model(image, text2, image_mask=image_mask, text_mask=text_mask, image_index=index).pooled,
+                 out.pooled)
+    gathered = model(image[index], text, image_mask=image_mask[index], text_mask=text_mask)
+    assert_close(gathered.pooled, out.pooled)
+
+
+def test_film_pools_the_max_over_kept_tokens_and_starts_unconditioned():
+    model = make("film").eval()
+    image, text, image_mask, text_mask, index = batch()
+    out = model(image, text, image_mask=image_mask, text_mask=text_mask, image_index=index)
+    kept = out.tokens.masked_fill(~image_mask[index][..., None], float("-inf"))
+    assert_close(out.pooled, kept.amax(dim=1))
+    # gamma = beta = 0 at initialisation: every question about an image gets the same vector
+    assert_close(out.pooled[0], out.pooled[2])
+    with torch.no_grad():
+        model.readout.film.weight.normal_()
+    out = model(image, text, image_mask=image_mask, text_mask=text_mask, image_index=index)
+    assert not torch.allclose(out.pooled[0], out.pooled[2])
+    empty = torch.zeros_like(image_mask)
+    assert (model(image, text, image_mask=empty, text_mask=text_mask, image_index=index).pooled == 0).all()

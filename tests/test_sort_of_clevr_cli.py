@@ -1,0 +1,60 @@
+"""``make-dataset sort-of-clevr`` -> ``train --preset sort-of-clevr`` -> ``evaluate`` per question kind."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from mmfuse.cli import main
+from mmfuse.models import VQAModel
+from mmfuse.presets import PRESETS, apply_preset
+from mmfuse.train import TrainConfig
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_preset_sets_the_recipe_and_flags_override_it():
+    before = copy.deepcopy(PRESETS)
+    train, model = apply_preset("sort-of-clevr", {"epochs": 1}, {"dim": 16, "fusion": "film"})
+    assert train["epochs"] == 1 and model["dim"] == 16 and model["fusion"] == "film"
+    train, model = apply_preset("sort-of-clevr", {}, {})
+    assert train["epochs"] == PRESETS["sort-of-clevr"]["epochs"]
+    assert model["fusion"] == "relational_transformer" and model["fusion_options"]["coordinates"]
+    model["fusion_options"]["image_depth"] = 99
+    assert PRESETS == before  # applying never modifies the preset itself
+    TrainConfig(**train, model=model)  # every key is a real setting
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        apply_preset("nope", {}, {})
+
+
+def test_make_dataset_train_with_preset_evaluate_by_kind(tmp_path, capsys):
+    data, run = tmp_path / "soc", tmp_path / "run"
+    assert main(["make-dataset", "sort-of-clevr", "--out", str(data), "--train-images", "8", "--test-images", "3",
+                 "--image-size", "48", "--object-radius", "3", "--seed", "1"]) == 0
+    assert str(data) in capsys.readouterr().out
+    assert main(["train", "--preset", "sort-of-clevr", "--data", str(data), "--out", str(run), "--epochs", "1",
+                 "--image-size", "32", "--dim", "16", "--num-heads", "2", "--threads", "1", "--no-progress",
+                 "--warmup-steps", "1", "--images-per-batch", "4",
+                 "--fusion-options", '{"image_depth": 1, "question_query": true}']) == 0
+    capsys.readouterr()
+    model = VQAModel.from_pretrained(run)
+    assert model.config.fusion == PRESETS["sort-of-clevr"]["model"]["fusion"]
+    assert model.config.dim == 16 and model.config.image_size == 32  # flags over the preset
+    assert model.config.fusion_options == {"image_depth": 1, "question_query": True}
+    assert len(model.fusion.encoder.image.blocks) == 1
+    assert main(["evaluate", "--checkpoint", str(run), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["num_examples"] == 60
+    by_kind = summary["accuracy_by_kind"]
+    assert set(by_kind) == {"relational", "non-relational"}
+    assert summary["accuracy"] == pytest.approx(sum(by_kind.values()) / 2)  # 30 questions of each kind
+    assert main(["evaluate", "--checkpoint", str(run)]) == 0
+    assert "relational" in capsys.readouterr().out
+
+
+def test_fusion_options_must_be_a_json_object(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--fusion-options", "[1]"])
+    assert e.value.code == 2 and "expected a JSON object, got list" in capsys.readouterr().err
