@@ -13,6 +13,7 @@ EXPECTED_KEYS = {
     "storage": {"config", "rows"},
     "training": {"rows", "time_to_target", "native_bf16"},
     "serve": {"rows", "speedup_at_32", "threads"},
+    "threads": {"rows", "default_threads", "cores"},
     "masks": {"shape", "rows"},
 }
 
