@@ -33,6 +33,7 @@ BENCHMARKS = {
     "threads": "benchmarks.threads",
     "serve": "benchmarks.serve",
     "generation": "benchmarks.generation",
+    "masks": "benchmarks.masks",
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

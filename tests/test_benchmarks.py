@@ -15,6 +15,7 @@ EXPECTED_KEYS = {
     "serve": {"rows", "speedup_at_32", "threads"},
     "generation": {"rows", "quality"},
     "threads": {"rows", "default_threads", "cores"},
+    "masks": {"shape", "rows"},
 }
 
 

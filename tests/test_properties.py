@@ -6,7 +6,10 @@
 - images of any size, mode and format decode to uint8 (3, S, S); empty or corrupt files give a
   DataError naming the file, whatever Pillow raises inside;
 - CrossAttention on random shapes and masks: finite, rows of weights sum to 1 over kept keys (0 when
-  none is kept), and the values at masked positions do not matter.
+  none is kept), and the values at masked positions do not matter;
+- masked values never matter, for every attention implementation and every registered fusion: NaN or
+  Inf at padded positions give the same outputs and gradients, to the bit, as zeros there, all finite;
+  no keys (Nk = 0), empty sequences and a batch of 0 work (empty = every token masked).
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from torch import Tensor
 from torch.testing import assert_close
 
+from mmfuse import fusion as fusions
+from mmfuse.attention import IMPLS, AttentionConfig, attend
 from mmfuse.data import DataError, VQASplit, load_image, load_jsonl_split
 from mmfuse.encoders.tokenizer import CLS, PAD, UNK, WordTokenizer
 from mmfuse.layers import CrossAttention
@@ -372,3 +378,189 @@ def test_cross_attention_properties(case):
             out_b, _ = layer(x, other, context_mask=mask)
         assert_close(out_a, out, atol=1e-5, rtol=1e-5, msg=f"{impl} disagrees with math")
         assert_close(out_b, out_a, atol=1e-5, rtol=1e-5, msg=f"{impl}: masked values leak")
+
+
+# --------------------------------------------------------------------------------------------------
+# masked values never matter: attend (every implementation) and every registered fusion
+
+JUNK = [float("nan"), float("inf"), -float("inf"), "max"]  # "max": the dtype's largest finite value
+
+
+def _junk(value: float | str, dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max if value == "max" else value
+# dtypes each implementation runs on CPU (float16 matmuls are slow there but exact enough for this).
+DTYPES = {"auto": [torch.float32, torch.float64, torch.bfloat16, torch.float16], "math": [torch.float32,
+          torch.float64, torch.bfloat16], "chunked": [torch.float32, torch.float64, torch.bfloat16],
+          "local": [torch.float32, torch.float64], "lowrank": [torch.float32, torch.float64]}
+
+
+def _options(impl: str, Nk: int, draw) -> dict:
+    if impl == "local":
+        return {"window": draw(st.integers(1, 4)), "num_global": draw(st.integers(0, 2)),
+                "block_q": draw(st.integers(1, 3)), "block_k": draw(st.integers(1, 3))}
+    if impl == "chunked":
+        return {"block_q": draw(st.integers(1, 3)), "block_k": draw(st.integers(1, 3))}
+    if impl == "lowrank":
+        g = torch.Generator().manual_seed(draw(st.integers(0, 99)))
+        rank = draw(st.integers(1, 3))
+        return {"proj_k": torch.randn(rank, Nk + 2, generator=g), "proj_v": torch.randn(rank, Nk + 2, generator=g)}
+    return {}
+
+
+@st.composite
+def masked_attention_cases(draw):
+    impl = draw(st.sampled_from(IMPLS))
+    B, H, Nq, Nk = draw(st.integers(0, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 4)), draw(st.integers(0, 6))
+    rows = st.lists(st.booleans(), min_size=Nk, max_size=Nk)
+    mask = torch.tensor(draw(st.lists(rows, min_size=B, max_size=B)), dtype=torch.bool).reshape(B, Nk)
+    return {"impl": impl, "shape": (B, H, Nq, Nk, draw(st.sampled_from([1, 4]))), "mask": mask,
+            "dtype": draw(st.sampled_from(DTYPES[impl])), "junk": draw(st.sampled_from(JUNK)),
+            "options": _options(impl, Nk, draw), "seed": draw(st.integers(0, 2**16))}
+
+
+def _attend_with_grads(case: dict, k: Tensor, v: Tensor, q: Tensor, g: Tensor):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, _ = attend(q, k, v, key_padding_mask=case["mask"], impl=case["impl"], **case["options"])
+    grads = torch.autograd.grad(out, (q, k, v), g, allow_unused=True)
+    return out, [torch.zeros_like(t) if d is None else d for t, d in zip((q, k, v), grads, strict=True)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(masked_attention_cases())
+def test_attend_masked_keys_and_values_never_matter(case):
+    B, H, Nq, Nk, D = case["shape"]
+    dtype, mask = case["dtype"], case["mask"]
+    gen = torch.Generator().manual_seed(case["seed"])
+    q, k, v = (torch.randn(B, H, n, D, generator=gen).to(dtype) for n in (Nq, Nk, Nk))
+    g = torch.randn(B, H, Nq, D, generator=gen).to(dtype)
+    pad = ~mask[:, None, :, None]
+    clean = _attend_with_grads(case, k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0), q, g)
+    value = _junk(case["junk"], dtype)
+    junk = _attend_with_grads(case, k.masked_fill(pad, value), v.masked_fill(pad, -value), q, g)
+    assert clean[0].shape == (B, H, Nq, D) and clean[0].dtype == dtype
+    # To the bit: the padded values are selected away before any arithmetic sees them.
+    assert torch.equal(junk[0], clean[0])
+    for a, b in zip(junk[1], clean[1], strict=True):
+        assert torch.equal(a, b)
+    assert torch.isfinite(junk[0]).all() and all(torch.isfinite(d).all() for d in junk[1])
+    # padded keys and values get exactly no gradient (what attend's pass-through backward relies on)
+    assert (junk[1][1].masked_select(pad) == 0).all() and (junk[1][2].masked_select(pad) == 0).all()
+    assert (junk[0][~mask.any(dim=1)] == 0).all(), "a sample with no kept key must get zeros"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_attend_without_keys_or_samples(impl):
+    for B, Nk in ((2, 0), (0, 3)):
+        options = {"local": {"window": 2, "num_global": 1}, "chunked": {"block_q": 2, "block_k": 2},
+                   "lowrank": {"proj_k": torch.randn(2, Nk + 2), "proj_v": torch.randn(2, Nk + 2)}}.get(impl, {})
+        q, k, v = torch.randn(B, 2, 3, 4), torch.randn(B, 2, Nk, 4), torch.randn(B, 2, Nk, 4)
+        for mask in (None, torch.zeros(B, Nk, dtype=torch.bool)):
+            case = {"impl": impl, "mask": mask, "options": options}
+            out, grads = _attend_with_grads(case, k, v, q, torch.randn(B, 2, 3, 4))
+            assert out.shape == (B, 2, 3, 4) and (out == 0).all() and all(torch.isfinite(d).all() for d in grads)
+
+
+FUSION_DIMS = {"image_dim": 6, "text_dim": 5, "dim": 8, "num_heads": 2, "depth": 2, "dropout": 0.0}
+
+
+def _fusion(name: str, impl: str | None = None):
+    torch.manual_seed(0)
+    configs = {None: "auto", "local": AttentionConfig("local", window=2, num_global=1, block_q=2, block_k=2),
+               "lowrank": AttentionConfig("lowrank", rank=2, max_len=16), "chunked": "chunked", "math": "math"}
+    fusion = fusions.create(name, **FUSION_DIMS, impl=configs[impl])
+    with torch.no_grad():  # open Flamingo's gates, which start closed and would hide the image
+        for pname, p in fusion.named_parameters():
+            if pname.split(".")[-1].startswith("gate_"):
+                p.fill_(0.7)
+    return fusion.eval()
+
+
+def _fuse(fusion, image, text, image_mask, text_mask):
+    """pooled, tokens (or None) and the gradients of every parameter and both inputs, as one list."""
+    image, text = image.detach().requires_grad_(), text.detach().requires_grad_()
+    out = fusion(image, text, image_mask=image_mask, text_mask=text_mask)
+    loss = out.pooled.sin().sum() + (0 if out.tokens is None else out.tokens.cos().sum())
+    leaves = [image, text, *fusion.parameters()]
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else [None] * len(leaves)
+    return [out.pooled, out.tokens, *(torch.zeros_like(t) if d is None else d for t, d in zip(leaves, grads,
+                                                                                              strict=True))]
+
+
+@st.composite
+def fusion_inputs(draw):
+    # Image token counts that are square grids (1, 4): some fusions place the tokens on a grid.
+    B, Ni, Nt = draw(st.integers(0, 3)), draw(st.sampled_from([0, 1, 4])), draw(st.integers(0, 4))
+
+    def mask(n: int) -> Tensor | None:
+        if not draw(st.booleans()):
+            return None
+        return torch.tensor(draw(st.lists(st.lists(st.booleans(), min_size=n, max_size=n), min_size=B,
+                                          max_size=B)), dtype=torch.bool).reshape(B, n)
+
+    return {"B": B, "Ni": Ni, "Nt": Nt, "image_mask": mask(Ni), "text_mask": mask(Nt),
+            "junk": draw(st.sampled_from(JUNK)), "impl": draw(st.sampled_from([None, "chunked", "local", "lowrank"])),
+            "seed": draw(st.integers(0, 2**16))}
+
+
+@pytest.mark.parametrize("name", fusions.available())
+@settings(max_examples=12, deadline=None)
+@given(case=fusion_inputs())
+def test_fusion_padded_tokens_never_matter(name, case):
+    fusion = _fusion(name, case["impl"])
+    if case["Ni"] == 0 and _refuses_empty_images(fusion):
+        return
+    gen = torch.Generator().manual_seed(case["seed"])
+    B, image_mask, text_mask = case["B"], case["image_mask"], case["text_mask"]
+    image = torch.randn(B, case["Ni"], FUSION_DIMS["image_dim"], generator=gen)
+    text = torch.randn(B, case["Nt"], FUSION_DIMS["text_dim"], generator=gen)
+
+    def fill(x: Tensor, mask: Tensor | None, value: float) -> Tensor:
+        return x if mask is None else x.masked_fill(~mask[..., None], value)
+
+    clean = _fuse(fusion, fill(image, image_mask, 0.0), fill(text, text_mask, 0.0), image_mask, text_mask)
+    value = _junk(case["junk"], torch.float32)
+    junk = _fuse(fusion, fill(image, image_mask, value), fill(text, text_mask, -value), image_mask, text_mask)
+    assert clean[0].shape == (B, fusion.out_dim)
+    for a, b in zip(junk, clean, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b), name
+            assert torch.isfinite(a).all(), name
+
+
+def _refuses_empty_images(fusion) -> bool:
+    """Whether ``fusion`` refuses Ni = 0 with a ValueError about the image tokens (a grid needs a token)."""
+    try:
+        fusion(torch.randn(2, 0, FUSION_DIMS["image_dim"]), torch.randn(2, 3, FUSION_DIMS["text_dim"]))
+    except ValueError as e:
+        assert "image" in str(e), str(e)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("name", fusions.available())
+@pytest.mark.parametrize("empty", ["image", "text"])
+def test_fusion_empty_sequence_is_a_fully_masked_one(name, empty):
+    """Ni = 0 (or Nt = 0), with or without a mask, gives what fully masked (junk) tokens give, unless the
+    fusion refuses empty images with a ValueError naming them (fusions that place image tokens on a grid)."""
+    fusion = _fusion(name)
+    if empty == "image" and _refuses_empty_images(fusion):
+        return
+    B, n = 3, {"image": 0, "text": 0}
+    image, text = torch.randn(B, 4, FUSION_DIMS["image_dim"]), torch.randn(B, 4, FUSION_DIMS["text_dim"])
+    masks = {"image": torch.tensor([[True, True, False, False]] * B), "text": torch.tensor([[True, False, True,
+                                                                                            False]] * B)}
+    inputs = {"image": image, "text": text}
+    full = dict(inputs)
+    full[empty] = torch.full((B, 4, inputs[empty].shape[-1]), float("nan"))
+    full_masks = dict(masks)
+    full_masks[empty] = torch.zeros(B, 4, dtype=torch.bool)
+    reference = fusion(full["image"], full["text"], image_mask=full_masks["image"], text_mask=full_masks["text"])
+    for empty_mask in (None, torch.zeros(B, n[empty], dtype=torch.bool)):
+        short = dict(inputs)
+        short[empty] = inputs[empty][:, :0]
+        short_masks = dict(masks)
+        short_masks[empty] = empty_mask
+        out = _fuse(fusion, short["image"], short["text"], short_masks["image"], short_masks["text"])
+        assert_close(out[0], reference.pooled, atol=1e-6, rtol=1e-5)
+        assert all(t is None or torch.isfinite(t).all() for t in out), name

@@ -276,6 +276,6 @@ def block_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale:
     # CPUs without half-precision matrix units run bf16 bmm ~50x slower than float32 (measured on the
     # 2-core development machine), so on CPU the tiles are computed from float32 copies: O(N * D) memory.
     dtype = _stats_dtype(q.dtype) if q.device.type == "cpu" else q.dtype
-    q3, k3, v3 = (x.to(dtype).reshape(B * H, -1, x.shape[-1]) for x in (q, k, v))  # (BH, N, D)
+    q3, k3, v3 = (x.to(dtype).reshape(B * H, x.shape[2], x.shape[-1]) for x in (q, k, v))  # (BH, N, D)
     out = _BlockAttention.apply(q3, k3, v3, drop, scale, dropout_p, plan, window)
     return out.view(B, H, Nq, Dv).to(q.dtype)

@@ -33,6 +33,12 @@ implementation that needs them.
 
 A fusion checks its inputs once, in :meth:`Fusion.check_inputs` at the top of its forward; the
 layers inside it do not check again (see :func:`mmfuse.layers.common.trust_inputs`).
+
+Padded tokens never matter: before any fusion's forward runs, :class:`Fusion` replaces the tokens
+its masks pad by zeros (a selection), so NaN or Inf there change neither the outputs nor any
+gradient. An empty sequence (Ni = 0 or Nt = 0, with or without a mask) is accepted: it pools to
+zeros and sends no attention message, exactly as a sequence whose every token is masked; a batch
+of 0 samples gives empty outputs.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from mmfuse.layers.common import (
     init_linear,
     masked_mean,
     trust_inputs,
+    zero_padding,
 )
 from mmfuse.layers.cross_attention import AttentionBlock, apply_blocks
 from mmfuse.layers.gated import GatedCrossAttention
@@ -144,11 +151,32 @@ def _total(*lengths: int | None) -> int | None:
     return None if any(n is None for n in lengths) else sum(lengths)
 
 
+def _zero_padded_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of every fusion: padded image and text tokens become zeros before forward runs.
+
+    Done here, once, so that every fusion, registered now or later, is safe whatever it does with
+    padded positions (a mask product, a mean over all tokens). Inputs whose mask does not fit are
+    left for ``check_inputs`` to report.
+    """
+    args = list(args)
+    for i, (name, mask_name) in enumerate((("image_tokens", "image_mask"), ("text_tokens", "text_mask"))):
+        mask = kwargs.get(mask_name)
+        x = args[i] if i < len(args) else kwargs.get(name)
+        if not (isinstance(mask, Tensor) and isinstance(x, Tensor) and mask.dtype == torch.bool
+                and x.dim() == 3 and mask.shape == x.shape[:2]):
+            continue
+        if i < len(args):
+            args[i] = zero_padding(x, mask)
+        else:
+            kwargs[name] = zero_padding(x, mask)
+    return tuple(args), kwargs
+
+
 class Fusion(nn.Module):
     """Base of every fusion: remembers the input widths and ``out_dim``, checks the inputs.
 
     ``attention_layout`` says what ``FusionOutput.attention`` holds (module docstring); None for a
-    fusion without attention.
+    fusion without attention. Padded tokens reach ``forward`` as zeros (module docstring).
     """
 
     attention_layout: ClassVar[str | None] = None
@@ -158,6 +186,7 @@ class Fusion(nn.Module):
         self.image_dim = image_dim
         self.text_dim = text_dim
         self.out_dim = out_dim
+        self.register_forward_pre_hook(_zero_padded_inputs, with_kwargs=True)
 
     def check_inputs(self, image_tokens: Tensor, text_tokens: Tensor, image_mask: Tensor | None,
                      text_mask: Tensor | None, image_index: Tensor | None = None) -> None:

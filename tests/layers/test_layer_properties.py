@@ -2,7 +2,8 @@
 
 - the fused (``auto``) and reference (``math``) attention paths agree, forward and gradients;
 - ``torch.autograd.gradcheck`` passes in float64 (tiny shapes);
-- changing padded positions changes no output at kept positions;
+- changing padded positions (to random values, NaN or Inf) changes no output at kept positions and no
+  gradient (of the parameters and of kept inputs), for every implementation;
 - a sample whose keys are all masked gives finite outputs and finite gradients.
 
 Each case builds the layer for an ``impl`` and calls it on a dict of inputs, returning the outputs at
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.testing import assert_close
 
+from mmfuse.attention import AttentionConfig
 from mmfuse.layers import (
     AttentionBlock,
     AttentionPooling,
@@ -54,7 +56,17 @@ class Case:
 
 
 def _masked(out: Tensor, mask: Tensor | None) -> Tensor:
-    return out if mask is None else out * mask[..., None]
+    return out if mask is None else torch.where(mask[..., None], out, 0.0)
+
+
+# Every implementation, with options that cover the cases' lengths (at most 7 keys).
+IMPL_CONFIGS = {
+    "auto": "auto",
+    "math": "math",
+    "chunked": AttentionConfig("chunked", block_q=2, block_k=2),
+    "local": AttentionConfig("local", window=2, num_global=1, block_q=2, block_k=3),
+    "lowrank": AttentionConfig("lowrank", rank=2, max_len=8),
+}
 
 
 CASES = {
@@ -151,22 +163,38 @@ def test_gradcheck_float64(case):
     assert torch.autograd.gradcheck(fn, tuple(inputs[n] for n in names))
 
 
-@pytest.mark.parametrize("impl", ["auto", "math"])
-def test_padded_positions_change_nothing_at_kept_positions(case, impl):
-    layer = build(case, impl)
+def _outputs_and_grads(case: Case, layer: nn.Module, inputs: dict[str, Tensor]) -> list[Tensor]:
+    """Outputs at kept positions, then the gradients of the inputs at kept positions and of the parameters."""
+    leaves = {n: inputs[n].detach().requires_grad_() for n in case.inputs}
+    out = case.call(layer, {**inputs, **leaves})
+    grads = torch.autograd.grad(out.sin().sum(), [*leaves.values(), *layer.parameters()], allow_unused=True)
+    kept = [_masked(g, inputs[case.inputs[n][2]]) if case.inputs[n][2] else g
+            for n, g in zip(leaves, grads[:len(leaves)], strict=True)]
+    return [out, *kept, *(torch.zeros(()) if g is None else g for g in grads[len(leaves):])]
+
+
+@pytest.mark.parametrize("junk", ["random", "nan", "inf"])
+@pytest.mark.parametrize("impl", list(IMPL_CONFIGS))
+def test_padded_positions_change_nothing_at_kept_positions(case, impl, junk):
+    layer = build(case, IMPL_CONFIGS[impl])
     inputs = make_inputs(case)
     changed = dict(inputs)
-    for name, (_, _, mask_name) in case.inputs.items():
+    for i, (name, (_, _, mask_name)) in enumerate(case.inputs.items()):
         if mask_name is not None:
             pad = ~inputs[mask_name][..., None]
-            changed[name] = torch.where(pad, 100 * torch.randn_like(inputs[name]), inputs[name])
+            fill = {"random": 100 * torch.randn_like(inputs[name]), "nan": torch.full_like(inputs[name], torch.nan),
+                    "inf": torch.full_like(inputs[name], (-1) ** i * torch.inf)}[junk]
+            changed[name] = torch.where(pad, fill, inputs[name])
     assert not all(torch.equal(changed[n], inputs[n]) for n in case.inputs)
-    assert_close(case.call(layer, changed), case.call(layer, inputs))
+    expected = _outputs_and_grads(case, layer, inputs)
+    got = _outputs_and_grads(case, layer, changed)
+    assert all(torch.isfinite(t).all() for t in got)
+    assert_close(got, expected)
 
 
-@pytest.mark.parametrize("impl", ["auto", "math"])
+@pytest.mark.parametrize("impl", list(IMPL_CONFIGS))
 def test_fully_masked_sample_is_finite(case, impl):
-    layer = build(case, impl)
+    layer = build(case, IMPL_CONFIGS[impl])
     inputs = make_inputs(case, requires_grad=True)
     for name in case.masks:
         inputs[name] = inputs[name].clone()

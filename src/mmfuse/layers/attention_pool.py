@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from mmfuse.attention import AttentionConfig
-from mmfuse.layers.common import check_mask, check_tokens, init_linear, trust_inputs
+from mmfuse.layers.common import check_mask, check_tokens, init_linear, trust_inputs, zero_padding
 from mmfuse.layers.cross_attention import AttentionBlock, apply_blocks
 
 __all__ = ["AttentionPooling"]
@@ -64,6 +64,7 @@ class AttentionPooling(nn.Module):
         if self.validate_inputs:
             check_tokens(x, self.input_dim, "x")
             check_mask(mask, x, "mask")
+            x = zero_padding(x, mask)
         latents = self.latents.expand(x.shape[0], -1, -1)  # (B, Q, input_dim)
         latents, weights = apply_blocks(self.blocks, latents, x, context_mask=mask, need_weights=need_weights)
         return self.proj(self.norm(latents)), weights  # (B, Q, out_dim)

@@ -22,7 +22,14 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from mmfuse.attention import AttentionConfig
-from mmfuse.layers.common import check_context_index, check_mask, check_tokens, init_linear, trust_inputs
+from mmfuse.layers.common import (
+    check_context_index,
+    check_mask,
+    check_tokens,
+    init_linear,
+    trust_inputs,
+    zero_padding,
+)
 from mmfuse.layers.cross_attention import AttentionBlock, apply_blocks
 
 __all__ = ["CoAttention"]
@@ -73,6 +80,7 @@ class CoAttention(nn.Module):
             check_mask(image_mask, image_tokens, "image_mask")
             if image_index is not None:
                 check_context_index(image_index, text_tokens.shape[0], image_tokens.shape[0])
+            text_tokens, image_tokens = zero_padding(text_tokens, text_mask), zero_padding(image_tokens, image_mask)
         text = self.text_proj(text_tokens)  # (B, Nt, dim)
         image = self.image_proj(image_tokens)  # (B, Ni, dim)
         text, weights = apply_blocks(self.blocks, text, image, mask=text_mask, context_mask=image_mask,

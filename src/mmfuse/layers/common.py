@@ -23,6 +23,7 @@ __all__ = [
     "init_linear",
     "masked_mean",
     "trust_inputs",
+    "zero_padding",
 ]
 
 
@@ -59,7 +60,8 @@ def trust_inputs(*modules: nn.Module) -> None:
     """Switch off the input checks of ``modules`` and of every layer inside them.
 
     A layer checks the shapes of what it is given (``validate_inputs``, True by default) so that a
-    mistake names the shapes. Inside a fusion or a stack the owner has checked the inputs once at its
+    mistake names the shapes, and replaces padded tokens by zeros (:func:`zero_padding`) so that what
+    they hold never matters. Inside a fusion or a stack the owner has checked the inputs once at its
     entry, and its blocks build each other's inputs, so checking again in every block only costs time.
     """
     for module in modules:
@@ -94,13 +96,26 @@ def concat_masks(masks: list[Tensor | None], tokens: list[Tensor]) -> Tensor | N
     )  # (B, sum N)
 
 
+def zero_padding(x: Tensor, mask: Tensor | None) -> Tensor:
+    """``x`` (B, N, C) with its padded tokens (``mask`` False) replaced by zeros; unchanged without a mask.
+
+    A selection, not a product: NaN or Inf at a padded position vanish (0 * NaN is NaN), and so does
+    their influence on every gradient, parameters' included. Layers apply it where tokens enter.
+    """
+    return x if mask is None else torch.where(mask[..., None], x, 0.0)
+
+
 def masked_mean(x: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Mean of the kept tokens: (B, N, C) -> (B, C). A sample with no kept token gets zeros."""
+    """Mean of the kept tokens: (B, N, C) -> (B, C).
+
+    A sample with no kept token, or a sequence of no token at all (N = 0), gets zeros with finite
+    gradients. Padded tokens are selected away, so whatever they hold (NaN, Inf) does not matter.
+    """
     if mask is None:
-        return x.mean(dim=1)
-    keep = mask.unsqueeze(-1).to(x.dtype)  # (B, N, 1)
-    # clamp: an all-masked sample divides 0 by 1, giving zeros and finite gradients.
-    return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
+        # N = 0 is a shape, known on the host: an empty sum (zeros), not 0 / 0.
+        return x.mean(dim=1) if x.shape[1] else x.sum(dim=1)
+    count = mask.sum(dim=1, keepdim=True).clamp_min(1).to(x.dtype)  # (B, 1); 1 for an all-masked sample
+    return zero_padding(x, mask).sum(dim=1) / count
 
 
 def init_linear(linear: nn.Linear) -> None:

@@ -34,6 +34,7 @@ from mmfuse.layers.common import (
     gather_rows,
     init_linear,
     trust_inputs,
+    zero_padding,
 )
 
 __all__ = ["AttentionBlock", "CrossAttention", "apply_blocks"]
@@ -47,8 +48,9 @@ class CrossAttention(nn.Module):
     ``torch.nn.MultiheadAttention`` does. ``impl`` is the attention implementation: a name or an
     :class:`~mmfuse.attention.AttentionConfig` (for ``lowrank`` one whose ``max_len`` covers the context).
 
-    A sample whose context is entirely masked gets an output of zeros (not ``out_proj.bias``): no
-    context, no message, so a residual block adds nothing for it.
+    A sample whose context is entirely masked, or a context of no token (Nk = 0), gets an output of
+    zeros (not ``out_proj.bias``): no context, no message, so a residual block adds nothing for it.
+    Padded context tokens are replaced by zeros where they enter, so what they hold never matters.
 
     ``validate_inputs`` (default True) checks shapes, masks and ``context_index`` on every call; the
     layers and fusions that own this one switch it off and check once at their own entry.
@@ -91,6 +93,10 @@ class CrossAttention(nn.Module):
             check_mask(context_mask, context, "context_mask")
             if context_index is not None:
                 check_context_index(context_index, B, context.shape[0])
+            # Self-attention passes one tensor as both: its padded rows are then queries too.
+            self_attention = x is context
+            context = zero_padding(context, context_mask)
+            x = context if self_attention else x
         if cache is not None and not cache.static and context_mask is not None:
             raise ValueError("a growing KVCache takes no context_mask (it would have to cover the cached keys)")
         B, Nq, _ = x.shape
@@ -113,6 +119,8 @@ class CrossAttention(nn.Module):
         out = self.out_proj(out.transpose(1, 2).reshape(B, Nq, self.dim))  # (B, Nq, out_dim)
         if context_mask is not None:
             out = out.masked_fill(~context_mask.any(dim=1)[:, None, None], 0.0)
+        elif Nk == 0:  # no context token at all: no message either
+            out = torch.zeros_like(out)
         return out, weights
 
     def extra_repr(self) -> str:
@@ -188,6 +196,8 @@ class AttentionBlock(nn.Module):
                 cross_cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
         if self.validate_inputs:
             self.check_inputs(x, context, mask=mask, context_mask=context_mask, context_index=context_index)
+            x = zero_padding(x, mask)
+            context = None if context is None else zero_padding(context, context_mask)
         weights = None
         if self.self_attn is not None:
             h = self.norm_self(x)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from mmfuse.attention import AttentionConfig
-from mmfuse.layers.common import check_mask, check_tokens, concat_masks, init_linear, trust_inputs
+from mmfuse.layers.common import check_mask, check_tokens, concat_masks, init_linear, trust_inputs, zero_padding
 from mmfuse.layers.cross_attention import AttentionBlock, apply_blocks
 
 __all__ = ["ModalitySelfAttention", "ModalityTokens"]
@@ -58,6 +58,7 @@ class ModalityTokens(nn.Module):
             check_tokens(text_tokens, self.text_dim, "text_tokens", batch=image_tokens.shape[0], seq="Nt")
             check_mask(image_mask, image_tokens, "image_mask")
             check_mask(text_mask, text_tokens, "text_mask")
+            image_tokens, text_tokens = zero_padding(image_tokens, image_mask), zero_padding(text_tokens, text_mask)
         image = self.image_proj(image_tokens) + self.modality_embed[0]  # (B, Ni, dim)
         text = self.text_proj(text_tokens) + self.modality_embed[1]  # (B, Nt, dim)
         tokens = torch.cat([image, text], dim=1)  # (B, Ni + Nt, dim)
