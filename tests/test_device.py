@@ -49,10 +49,23 @@ def test_autocast_runs_matmuls_in_the_chosen_dtype():
         assert (a @ a).dtype == torch.float32
 
 
-@pytest.mark.parametrize("cpus, load, expected", [(2, 0.0, 2), (2, 0.4, 2), (2, 1.0, 1), (2, 2.7, 1), (8, 3.2, 5),
+@pytest.mark.parametrize("cpus, busy, expected", [(2, 0.0, 2), (2, 0.4, 2), (2, 1.0, 1), (2, 2.7, 1), (8, 3.2, 5),
                                                   (1, 5.0, 1)])
-def test_default_threads_leaves_busy_cores_alone(cpus, load, expected):
-    assert default_threads(cpus, load) == expected
+def test_default_threads_leaves_busy_cores_alone(cpus, busy, expected):
+    assert default_threads(cpus, busy) == expected
+
+
+def test_busy_cores_sees_a_spinning_process():
+    import subprocess
+    import sys
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        busy = device_mod.busy_cores(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy is None or busy >= 0.7, busy  # one core taken (more if the machine is busy anyway)
 
 
 def test_cpu_bf16_support_reads_cpuinfo():

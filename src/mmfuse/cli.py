@@ -236,7 +236,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_const", const=True, default=None,
                    help="torch.compile the model (default: off)")
     g.add_argument("--threads", type=int,
-                   help="CPU threads (default: the cores not already busy, from the 1-minute load average)")
+                   help="CPU threads (default: the cores other work is not using now)")
     g.add_argument("--checkpoint-every", type=int,
                    help=f"also checkpoint every N steps within an epoch, 0: off {d('checkpoint_every')}")
     g.add_argument("--eval-split", help=f"split evaluated during and after training, e.g. val {d('eval_split')}")

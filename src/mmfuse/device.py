@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import os
+import time
 from collections.abc import Iterator
 from typing import Literal
 
@@ -24,6 +25,7 @@ __all__ = [
     "PRECISIONS",
     "autocast",
     "autocast_dtype",
+    "busy_cores",
     "cpu_bf16_support",
     "default_threads",
     "resolve_device",
@@ -122,18 +124,43 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
         yield
 
 
-def default_threads(cpus: int | None = None, load: float | None = None) -> int:
+def busy_cores(interval: float = 0.3) -> float | None:
+    """How many cores other work keeps busy right now: the non-idle share of ``/proc/stat``'s CPU time over
+    ``interval`` seconds, times the core count (None where unreadable). Unlike the 1-minute load average,
+    it does not linger for a minute after a job ends."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return idle, sum(fields[:8])
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(interval)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (1.0 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
+def default_threads(cpus: int | None = None, busy: float | None = None) -> int:
     """Intra-op threads for a CPU run: the cores that are not already busy, at least one.
 
     OpenMP threads spin while they wait for each other; on a 2-core machine where another process keeps
-    one core busy, two threads ran a training epoch ~8x slower than one. So the default counts the
-    1-minute load average against the cores available to this process.
+    one core busy, two threads ran a training step 7-10x slower than one (``benchmarks/threads.py``). So
+    the default counts the cores other work is using now (:func:`busy_cores`; the 1-minute load average
+    where ``/proc/stat`` is unreadable) against the cores available to this process.
     """
     if cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if load is None:
+    if busy is None:
+        busy = busy_cores()
+    if busy is None:
         try:
-            load = os.getloadavg()[0]
+            busy = os.getloadavg()[0]
         except OSError:
-            load = 0.0
-    return max(1, min(cpus, cpus - int(load + 0.5)))
+            busy = 0.0
+    return max(1, min(cpus, cpus - int(busy + 0.5)))

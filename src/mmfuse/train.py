@@ -329,8 +329,8 @@ class Trainer:
             if self.world > 1:  # processes share the cores; oversubscribed OpenMP threads spin and crawl
                 threads = max(1, threads // self.world)
             if threads < (os.cpu_count() or 1) and self.world == 1:
-                log.info("using %d CPU thread(s): the other cores are busy (1-minute load %.1f); "
-                         "--threads N to choose", threads, os.getloadavg()[0])
+                log.info("using %d CPU thread(s): other work keeps the other cores busy; --threads N to choose",
+                         threads)
         torch.set_num_threads(threads)
         return threads
 
