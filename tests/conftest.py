@@ -29,3 +29,11 @@ def fp32_unless_asked(monkeypatch) -> None:
     that must agree to the bit could then choose differently. Tests see a CPU without native bf16 (auto =
     fp32); tests of that choice patch ``cpu_bf16_support`` themselves."""
     monkeypatch.setattr("mmfuse.train.cpu_bf16_support", lambda: "none")
+
+
+@pytest.fixture(autouse=True)
+def one_default_thread(monkeypatch) -> None:
+    """``threads=0`` picks the cores other work leaves free, measured at start: two runs of one test could
+    then get different thread counts (and different sums) as the machine's load changes. Tests on tiny
+    tensors want one thread anyway; tests of that choice call ``mmfuse.device.default_threads`` itself."""
+    monkeypatch.setattr("mmfuse.train.default_threads", lambda: 1)
