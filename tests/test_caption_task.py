@@ -173,3 +173,27 @@ def test_one_line_errors(run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["predict", "--checkpoint", str(vqa), "--image", str(tmp_path / "tiny/images/0000.png")])
     assert "is a VQA model: pass --image and --question" in capsys.readouterr().err
+
+
+def test_a_caption_model_is_served_over_http(run, scenes):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from mmfuse.models import Captioner
+    from mmfuse.serve import CaptionAdapter, create_app, load_adapter
+
+    adapter = load_adapter(run)
+    assert isinstance(adapter, CaptionAdapter) and adapter.kind == "caption" and not adapter.needs_question
+    image = scenes / json.loads((scenes / "test.jsonl").read_text().splitlines()[0])["image"]
+    model = Captioner.from_pretrained(run)
+    with TestClient(create_app(adapter)) as client:
+        assert client.get("/healthz").json()["kind"] == "caption"
+        r = client.post("/v1/predict", files={"image": image.read_bytes()}, data={"attention": "true"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+    # the server answers what the model generates for the same image (decoded at the model's size)
+    from mmfuse.data import load_image
+
+    expected, _ = model.generate(load_image(image, model.config.image_size)[None])
+    assert body["caption"] == expected[0]
+    assert body["attention_png"]  # one panel per generated word

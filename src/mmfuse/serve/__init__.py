@@ -13,11 +13,11 @@ import os
 
 import torch
 
-from mmfuse.serve.adapter import Adapter, Request, VQAAdapter
+from mmfuse.serve.adapter import Adapter, CaptionAdapter, Request, VQAAdapter
 from mmfuse.serve.app import ServeConfig, create_app, decode_image
 
-__all__ = ["Adapter", "Request", "ServeConfig", "VQAAdapter", "create_app", "decode_image", "load_adapter",
-           "run_server"]
+__all__ = ["Adapter", "CaptionAdapter", "Request", "ServeConfig", "VQAAdapter", "create_app", "decode_image",
+           "load_adapter", "run_server"]
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,9 @@ def load_adapter(checkpoint: str | os.PathLike, *, device: str = "cpu") -> Adapt
     model = PretrainedModel.from_pretrained(checkpoint, device=resolve_device(device))
     if isinstance(model, VQAModel):
         return VQAAdapter(model)
-    raise ValueError(f"{checkpoint}: serving supports VQA models, this is a {model.model_type} model")
+    if model.model_type in ("captioner", "answer-generator"):
+        return CaptionAdapter(model)
+    raise ValueError(f"{checkpoint}: serving supports VQA and caption models, this is a {model.model_type} model")
 
 
 def run_server(checkpoint: str | os.PathLike, config: ServeConfig | None = None, *, host: str = "127.0.0.1",

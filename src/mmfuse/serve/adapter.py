@@ -15,6 +15,8 @@ Shapes::
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -24,7 +26,7 @@ from torch import Tensor
 
 from mmfuse.models.vqa import VQAModel
 
-__all__ = ["Adapter", "Request", "VQAAdapter"]
+__all__ = ["Adapter", "CaptionAdapter", "Request", "VQAAdapter"]
 
 log = logging.getLogger(__name__)
 
@@ -104,3 +106,43 @@ class VQAAdapter:
         columns = 1 + self.model.config.num_heads if per_head else 4  # per head: about one row per word
         with self._figure_lock:
             return figure_png(attention_figure(request.image, maps, max_columns=columns))
+
+
+class CaptionAdapter:
+    """:class:`Adapter` for a text generator: a :class:`~mmfuse.models.Captioner` returns ``{"caption": str}``,
+    an :class:`~mmfuse.models.captioner.AnswerGenerator` (which reads the question) ``{"answer": str}``;
+    each decoded with the model's own decoding settings."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model.eval()
+        self.image_size = model.config.image_size
+        self.needs_question = model.model_type == "answer-generator"
+        self.kind = "vqa-generate" if self.needs_question else "caption"
+        self._key = "answer" if self.needs_question else "caption"
+        self._figure_lock = threading.Lock()
+
+    def info(self) -> dict[str, Any]:
+        c = self.model.config
+        return {"kind": self.kind, "image_size": c.image_size, "attention": True}
+
+    @torch.no_grad()
+    def predict(self, requests: list[Request]) -> list[dict[str, Any]]:
+        device = next(self.model.parameters()).device
+        images = torch.stack([r.image for r in requests]).to(device)  # (B, 3, S, S)
+        questions = [r.question for r in requests] if self.needs_question else None
+        texts, _ = self.model.generate(images, questions)
+        return [{self._key: text} for text in texts]
+
+    def attention_png(self, request: Request, *, per_head: bool = False) -> bytes | None:
+        from mmfuse.caption_figures import plot_word_attention
+
+        device = next(self.model.parameters()).device
+        questions = [request.question] if self.needs_question else None
+        with torch.no_grad():
+            _, out = self.model.generate(request.image[None].to(device), questions, need_weights=True)
+        # One panel per generated word, heads averaged (the decoder's figure has no per-head form).
+        with self._figure_lock, tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "attention.png")
+            plot_word_attention(self.model, request.image, out.tokens[0].tolist(), out.attention[0].cpu(), path)
+            with open(path, "rb") as f:
+                return f.read()
