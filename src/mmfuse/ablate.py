@@ -44,13 +44,13 @@ COLUMNS = ["fusion", "test_accuracy", "params", "seconds_per_epoch", "train_ques
 _FIXED = ("data", "out", "epochs", "seed")  # set by run_ablation itself, identical for every fusion
 
 
-def _measure(fusion: str, run_dir: Path, test: dict[int, VQASplit], data: str, progress: bool | None,
+def _measure(fusion: str, run_dir: Path, test: dict[tuple[int, str], VQASplit], data: str, progress: bool | None,
              device: str) -> dict[str, Any]:
     model = VQAModel.from_pretrained(run_dir, device=resolve_device(device))
-    size = model.config.image_size
-    if size not in test:
-        test[size] = load_split(data, "test", image_size=size, progress=progress)
-    split = test[size]
+    key = (model.config.image_size, model.config.resize)
+    if key not in test:
+        test[key] = load_split(data, "test", image_size=key[0], resize=key[1], progress=progress)
+    split = test[key]
     t0 = time.perf_counter()
     result = evaluate(model, split)
     seconds = time.perf_counter() - t0
@@ -85,7 +85,7 @@ def run_ablation(*, data: str = EASY_VQA, fusions: list[str], epochs: int, seed:
         raise ValueError(f"fusions has duplicates: {fusions}")
     out_dir = Path(out_dir)
     model_options = dict(base.pop("model", {}))
-    test: dict[int, VQASplit] = {}  # image size -> test split, loaded once
+    test: dict[tuple[int, str], VQASplit] = {}  # (image size, resize mode) -> test split, loaded once
     rows = []
     for fusion in fusions:
         run_dir = out_dir / fusion

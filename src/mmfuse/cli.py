@@ -488,7 +488,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     task = tasks.for_model(model)
     device = next(model.parameters()).device
     data = args.data or _run_data(run)
-    split = task.load_split(data, args.split, image_size=task.image_size(model))
+    split = task.load_split(data, args.split, **task.load_options(model))
     if args.num_beams and model.model_type not in ("captioner", "answer-generator"):
         raise UsageError(f"--num-beams: {args.checkpoint} holds a {model.model_type} model, which generates nothing")
     decoding = {"strategy": "beam", "num_beams": args.num_beams} if args.num_beams else {}

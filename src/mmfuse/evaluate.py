@@ -16,12 +16,28 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmfuse.data import ImageGroupedBatches, VQASplit, WordTokenizer, encode_answers
+from mmfuse.data import DataError, ImageGroupedBatches, VQASplit, WordTokenizer, encode_answers
 from mmfuse.data.vocab import UNK
 from mmfuse.device import autocast
 from mmfuse.models.vqa import VQAModel
 
-__all__ = ["EvalResult", "evaluate", "unknown_words", "write_answers", "write_predictions"]
+__all__ = ["EvalResult", "check_split", "evaluate", "unknown_words", "write_answers", "write_predictions"]
+
+
+def check_split(model: VQAModel, split: VQASplit) -> None:
+    """A one-line error when ``split`` gives image tokens the model cannot take, pixels it has no encoder
+    for, or pixels brought to square otherwise than the model was trained on (``resize``)."""
+    if split.has_features:
+        T, D = split.images.shape[1:]
+        if D != model.vision_dim:
+            raise DataError(f"{split.name}: image features are ({T}, {D}), the model takes (N, {model.vision_dim})")
+    elif model.vision is None:
+        raise DataError(f"{split.name}: gives images, but the model takes precomputed image_features "
+                        f"(N, {model.vision_dim})")
+    elif split.resize != model.config.resize:
+        raise DataError(f"{split.name}: images were brought to square with resize={split.resize!r}, the model "
+                        f"was trained with {model.config.resize!r}; load the split with "
+                        f"resize={model.config.resize!r}")
 
 
 @dataclass
@@ -90,6 +106,7 @@ def evaluate(model: VQAModel, split: VQASplit, *, images_per_batch: int = 128, p
     ``precision``: ``fp32``, ``bf16`` or ``fp16`` autocast (``bf16=True`` is the older spelling of bf16).
     Predictions are gathered on the device and copied back once.
     """
+    check_split(model, split)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

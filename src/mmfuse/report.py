@@ -213,7 +213,7 @@ def write_report(run_dir: str | os.PathLike, *, split: VQASplit | None = None, e
         data = read_json(run_dir / "run.json").get("data")
         if not data:
             raise ValueError(f"{run_dir / 'run.json'} has no 'data'; pass split=")
-        split = load_split(data, "test", image_size=model.config.image_size)
+        split = load_split(data, "test", image_size=model.config.image_size, resize=model.config.resize)
     figures = run_dir / _FIGURES
     c = model.config
     params = sum(p.numel() for p in model.parameters())

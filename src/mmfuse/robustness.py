@@ -118,25 +118,28 @@ def run_robustness(checkpoints: Sequence[str | os.PathLike], *, data: str = EASY
     models = [VQAModel.from_pretrained(c, device=resolve_device(device)) for c in checkpoints]
     names = _model_names(checkpoints, [m.config.fusion for m in models])
 
-    splits: dict[int, VQASplit] = {}  # image size -> split, loaded once
+    def decoding(model: VQAModel) -> tuple[int, str]:
+        return model.config.image_size, model.config.resize
+
+    splits: dict[tuple[int, str], VQASplit] = {}  # (image size, resize mode) -> split, loaded once
     for model in models:
-        size = model.config.image_size
-        if size not in splits:
-            loaded = load_split(data, split, image_size=size, progress=progress)
-            splits[size] = loaded.first_images(limit) if limit is not None else loaded
+        key = decoding(model)
+        if key not in splits:
+            loaded = load_split(data, split, image_size=key[0], resize=key[1], progress=progress)
+            splits[key] = loaded.first_images(limit) if limit is not None else loaded
 
     accuracy: list[dict[str, list[float]]] = [{p: [] for p in chosen} for _ in models]
     total = len(models) * (1 + len(chosen) * MAX_SEVERITY)
     with tqdm(total=total, desc="robustness", unit="eval", disable=None if progress is None else not progress,
               leave=False) as bar:
         for i, model in enumerate(models):
-            clean = evaluate(model, splits[model.config.image_size]).accuracy
+            clean = evaluate(model, splits[decoding(model)]).accuracy
             for p in chosen:
                 accuracy[i][p].append(clean)
             bar.update()
-        # Each perturbed split is made once and evaluated by every model of its image size.
-        for size, clean_split in splits.items():
-            group = [i for i, m in enumerate(models) if m.config.image_size == size]
+        # Each perturbed split is made once and evaluated by every model that takes its images.
+        for key, clean_split in splits.items():
+            group = [i for i, m in enumerate(models) if decoding(m) == key]
             for p in chosen:
                 for severity in SEVERITIES[1:]:
                     bar.set_postfix_str(f"{p} {severity}")

@@ -272,7 +272,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         self.train_split = train_split if train_split is not None else self.task.load_split(
-            cfg.data, "train", image_size=cfg.model.get("image_size"), progress=cfg.progress)
+            cfg.data, "train", **self.task.load_options(cfg.model), progress=cfg.progress)
         self.threads = self._set_threads(state[1].get("threads") if state else None)
         if resume:
             self.model = self.task.load_model(self.out, device=self.device).train()
@@ -284,8 +284,8 @@ class Trainer:
         # after the last epoch.
         self.eval_split = eval_split
         if self.eval_split is None and self.rank == 0:
-            self.eval_split = self.task.load_split(cfg.data, cfg.eval_split,
-                                                   image_size=self.task.image_size(self.model), progress=cfg.progress)
+            self.eval_split = self.task.load_split(cfg.data, cfg.eval_split, **self.task.load_options(self.model),
+                                                   progress=cfg.progress)
         if self.rank == 0 and not resume:
             runs.write_run_config(self.out, cfg.to_dict())
         self.batches = self.task.batches(self.model, self.train_split, batch_size=cfg.images_per_batch,
@@ -471,8 +471,7 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         if self.eval_split is None:
             self.eval_split = self.task.load_split(self.cfg.data, self.cfg.eval_split,
-                                                   image_size=self.task.image_size(self.model),
-                                                   progress=self.cfg.progress)
+                                                   **self.task.load_options(self.model), progress=self.cfg.progress)
         return self.task.evaluate(self.model, self.eval_split, device=self.device,
                                   precision=self.precision).summary()
 

@@ -143,3 +143,10 @@ def test_cache_dir_default(monkeypatch, tmp_path):
     monkeypatch.delenv("MMFUSE_CACHE")
     assert easy_vqa_module.default_cache_dir() == Path.home() / ".cache" / "mmfuse"
 
+
+
+def test_a_resize_mode_is_recorded_and_gives_the_same_square_images(monkeypatch, tmp_path, test):
+    monkeypatch.setenv("MMFUSE_CACHE", str(tmp_path))
+    padded = load_split("easy-vqa", "test", resize="pad", progress=False)
+    assert padded.resize == "pad" and test.resize == "squash"
+    assert torch.equal(padded.images, test.images)  # every easy-VQA image is square

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from mmfuse.cli import main
-from mmfuse.data import load_image, load_split
+from mmfuse.data import DataError, load_image, load_split
+from mmfuse.evaluate import evaluate
 from mmfuse.models import VQAModel
 from mmfuse.tasks.vqa import VQATask
 
@@ -32,6 +33,22 @@ def colors_present(image):
     return {k for k, c in enumerate(COLORS) if c in pixels}
 
 
+SPLITS = (("train", 6), ("test", 3))
+
+
+def strips_dataset(data):
+    """A JSONL dataset of wide strip images (40..80 x 20 px) that differ between pad, crop and squash."""
+    (data / "images").mkdir(parents=True)
+    for split, n in SPLITS:
+        lines = []
+        for i in range(n):
+            name = f"images/{split}{i}.png"
+            strips(data / name, 40 + 8 * i, 20)
+            lines.append(json.dumps({"image": name, "question": "what is in the middle?", "answer": f"a{i % 2}"}))
+        (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return data
+
+
 def test_three_modes(tmp_path):
     path = strips(tmp_path / "wide.png")
     squash = load_image(path, 16)
@@ -49,26 +66,52 @@ def test_three_modes(tmp_path):
 
 def test_model_trains_and_evaluates_with_its_mode(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MMFUSE_CACHE", str(tmp_path / "cache"))
-    data = tmp_path / "data"
-    (data / "images").mkdir(parents=True)
-    for split, n in (("train", 6), ("test", 3)):
-        lines = []
-        for i in range(n):
-            name = f"images/{split}{i}.png"
-            strips(data / name, 40 + 8 * i, 20)
-            lines.append(json.dumps({"image": name, "question": "what is in the middle?", "answer": f"a{i % 2}"}))
-        (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    data = strips_dataset(tmp_path / "data")
     run = tmp_path / "run"
     assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", "--image-size", "16",
                  "--resize", "crop", "--dim", "16", "--num-heads", "2", "--images-per-batch", "2",
-                 "--threads", "1", "--no-progress"]) == 0
+                 "--threads", "1", "--no-progress", "--report"]) == 0
     model = VQAModel.from_pretrained(run)
     assert model.config.resize == "crop"
-    # Batches for the model carry cropped pixels, whatever the split was first loaded with.
-    squashed = load_split(data, "train", image_size=16)
-    batch = next(iter(VQATask().batches(model, squashed, batch_size=6, shuffle=False).epoch(0)))
+    # Batches for the model carry cropped pixels; a split decoded otherwise is refused, not decoded again.
+    task = VQATask()
+    cropped = task.load_split(data, "train", **task.load_options(model))
+    batch = next(iter(task.batches(model, cropped, batch_size=6, shuffle=False).epoch(0)))
     assert torch.equal(batch.images, load_split(data, "train", image_size=16, resize="crop").images)
     assert all(colors_present(im) == {1, 2} for im in batch.images)
+    squashed = load_split(data, "train", image_size=16)
+    for use in (lambda: task.batches(model, squashed, batch_size=6), lambda: evaluate(model, squashed)):
+        with pytest.raises(DataError, match=r"resize='squash', the model was trained with 'crop'; load the split "
+                                            r"with resize='crop'"):
+            use()
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["num_examples"] == 3
+    # The other commands that load a split for the model load it cropped too (evaluate refuses any other).
+    assert main(["robustness", "--checkpoint", str(run), "--out", str(tmp_path / "robustness")]) == 0
+    assert main(["predict", "--checkpoint", str(run), "--data", str(data), "--split", "test", "--predictions",
+                 str(tmp_path / "answers.jsonl")]) == 0
+
+
+def test_each_image_is_decoded_once_per_split_load(tmp_path, monkeypatch):
+    import mmfuse.data.images as images
+
+    monkeypatch.setenv("MMFUSE_CACHE", str(tmp_path / "cache"))
+    data = strips_dataset(tmp_path / "data")
+    decoded: list[str] = []
+    decode = images._decode
+
+    def counting(source, size, name, path, resize="squash"):
+        decoded.append(f"{name}:{resize}")
+        return decode(source, size, name, path, resize)
+
+    monkeypatch.setattr(images, "_decode", counting)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", "--image-size", "16",
+                 "--resize", "pad", "--dim", "16", "--num-heads", "2", "--images-per-batch", "2",
+                 "--threads", "1", "--no-progress"]) == 0
+    files = sorted(str((data / "images").resolve() / f"{s}{i}.png") for s, n in SPLITS for i in range(n))
+    assert sorted(decoded) == [f"{f}:pad" for f in files]  # train and test, each image once, padded
+    decoded.clear()
+    assert main(["evaluate", "--checkpoint", str(run), "--json"]) == 0
+    assert sorted(decoded) == [f"{f}:pad" for f in files if "/images/test" in f]

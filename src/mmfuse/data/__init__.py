@@ -61,13 +61,12 @@ def load_split(
     if str(data) == EASY_VQA:
         if split not in _EASY_VQA_SPLITS:
             raise DataError(f"easy-VQA has the splits {_EASY_VQA_SPLITS}, not {split!r}")
-        return load_easy_vqa(split, image_size=image_size, progress=progress)  # type: ignore[arg-type]
+        return load_easy_vqa(split, image_size=image_size, progress=progress,  # type: ignore[arg-type]
+                             resize=resize)
     if not Path(data).is_dir():
         raise DataError(f"data {str(data)!r} is neither {EASY_VQA!r} nor a dataset directory "
                         "(one holding train.jsonl and test.jsonl)")
     load = (load_parquet_split if not split_file(data, split).is_file() and parquet_file(data, split).is_file()
             else load_jsonl_split)
-    loaded = load(data, split, image_size=image_size, progress=progress, require_answers=require_answers,
-                  resize=resize)
-    loaded.source = (str(data), split)
-    return loaded
+    return load(data, split, image_size=image_size, progress=progress, require_answers=require_answers,
+                resize=resize)

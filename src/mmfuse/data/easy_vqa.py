@@ -52,8 +52,12 @@ def load_easy_vqa(
     image_size: int = 64,
     cache_dir: str | Path | None = None,
     progress: bool | None = None,
+    resize: str = "squash",
 ) -> VQASplit:
-    """Load one easy-VQA split, questions in the package's order, images decoded once and cached."""
+    """Load one easy-VQA split, questions in the package's order, images decoded once and cached.
+
+    The images are square, so every ``resize`` mode gives the same pixels; the split records the mode the
+    model asked for."""
     if split == "train":
         questions, answers, image_ids = easy_vqa.get_train_questions()
         paths_by_id = easy_vqa.get_train_image_paths()
@@ -70,10 +74,10 @@ def load_easy_vqa(
         raise DataError(f"easy-VQA {split}: questions refer to images {missing[:5]} that are not installed")
     paths = [paths_by_id[i] for i in ids]
 
-    cache_file = Path(cache_dir or default_cache_dir()) / _cache_name(split, image_size, paths)
+    cache_file = Path(cache_dir or default_cache_dir()) / _cache_name(split, image_size, paths, resize)
     images = _read_cache(cache_file, len(paths), image_size)
     if images is None:
-        images = load_images(paths, image_size, desc=f"easy-VQA {split}", progress=progress)
+        images = load_images(paths, image_size, desc=f"easy-VQA {split}", progress=progress, resize=resize)
         _write_cache(cache_file, images)
 
     return VQASplit(
@@ -84,15 +88,17 @@ def load_easy_vqa(
         answer_types=[answer_type(a) for a in answers],
         image_paths=paths,
         name=f"easy-vqa/{split}",
+        resize=resize,
     )
 
 
-def _cache_name(split: str, image_size: int, paths: list[str]) -> str:
+def _cache_name(split: str, image_size: int, paths: list[str], resize: str = "squash") -> str:
     version = importlib.metadata.version("easy-vqa")
     total_bytes = sum(os.path.getsize(p) for p in paths)
     fingerprint = f"{_CACHE_FORMAT}|{version}|{len(paths)}|{total_bytes}"
     digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
-    return f"easy-vqa-{split}-{image_size}px-{digest}.safetensors"
+    mode = "" if resize == "squash" else f"-{resize}"  # squash: the name caches had before the modes existed
+    return f"easy-vqa-{split}-{image_size}px{mode}-{digest}.safetensors"
 
 
 def _read_cache(path: Path, num_images: int, image_size: int) -> Tensor | None:

@@ -39,7 +39,6 @@ class VQASplit:
     kinds: list[str] | None = None
     answer_lists: list[list[str]] | None = None
     resize: str = "squash"  # how the images were brought to S x S (mmfuse.data.images)
-    source: tuple[str, str] | None = None  # (data, split) it was loaded from, to load it again differently
 
     def __post_init__(self) -> None:
         n, m = len(self.questions), len(self.image_paths)

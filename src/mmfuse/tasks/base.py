@@ -80,10 +80,22 @@ class Task(abc.ABC):
         self.label_smoothing = label_smoothing
         self.attention_l2 = attention_l2
 
+    #: the model config's fields that say how a split's images are decoded: :meth:`load_split` takes them
+    #: by name, so a split is decoded once, as the model takes it (see :meth:`load_options`)
+    load_fields: ClassVar[tuple[str, ...]] = ("image_size",)
+
     @abc.abstractmethod
     def load_split(self, data: str, split: str, *, image_size: int | None = None,
                    progress: bool | None = None) -> Any:
         """The split ``split`` of ``data`` (a dataset name or directory), images at ``image_size``."""
+
+    def load_options(self, config: Any) -> dict[str, Any]:
+        """The keyword arguments of :meth:`load_split` that decode images the way a model with ``config``
+        takes them: its :attr:`load_fields` that are set. ``config`` is a model config, a model (its
+        ``config``) or the dict of options given to :meth:`build_model`."""
+        config = getattr(config, "config", config)
+        get = config.get if isinstance(config, dict) else lambda name: getattr(config, name, None)
+        return {name: get(name) for name in self.load_fields if get(name) is not None}
 
     @abc.abstractmethod
     def build_model(self, options: dict[str, Any], train_split: Any) -> nn.Module:
@@ -93,11 +105,6 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def load_model(self, run_dir: str | os.PathLike, *, device: torch.device | str = "cpu") -> nn.Module:
         """The model saved in ``run_dir`` (``from_pretrained``), on ``device``, in eval mode."""
-
-    def image_size(self, model: nn.Module) -> int | None:
-        """The image size the model's splits are loaded at."""
-        config = getattr(model, "config", None)
-        return getattr(config, "image_size", None)
 
     @abc.abstractmethod
     def batches(self, model: nn.Module, split: Any, *, batch_size: int, shuffle: bool = True, seed: int = 0,

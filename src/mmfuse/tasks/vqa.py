@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmfuse.data import AnswerVocab, DataError, ImageGroupedBatches, VQASplit, WordTokenizer, encode_answers, load_split
+from mmfuse.data import AnswerVocab, ImageGroupedBatches, VQASplit, WordTokenizer, encode_answers, load_split
 from mmfuse.data.batching import Batch
 from mmfuse.data.feature_cache import cached_image_tokens
-from mmfuse.evaluate import EvalResult, evaluate, write_predictions
+from mmfuse.evaluate import EvalResult, check_split, evaluate, write_predictions
 from mmfuse.models.vqa import VQAConfig, VQAModel
 from mmfuse.tasks.base import StepOutput, Task
 
@@ -23,34 +23,10 @@ def with_cached_tokens(model: VQAModel, split: VQASplit) -> VQASplit:
     """``split`` checked against ``model``; with a frozen pretrained backbone, its images replaced by the
     backbone's tokens from the feature cache (:mod:`mmfuse.data.feature_cache`)."""
     check_split(model, split)
-    split = _resized_as_model(model, split)
     vision = model.vision
     if split.has_features or not getattr(vision, "freeze", False) or not hasattr(vision, "identity"):
         return split
     return cached_image_tokens(vision, split, device=next(model.parameters()).device)
-
-
-def _resized_as_model(model: VQAModel, split: VQASplit) -> VQASplit:
-    """``split`` with its images brought to square the way the model was trained (``config.resize``)."""
-    want = model.config.resize
-    if split.has_features or split.resize == want:
-        return split
-    if split.source is None:
-        raise DataError(f"{split.name}: images were resized with {split.resize!r}, the model expects {want!r}; "
-                        f"load the split with resize={want!r}")
-    data, name = split.source
-    return load_split(data, name, image_size=split.image_size, resize=want, require_answers=False)
-
-
-def check_split(model: VQAModel, split: VQASplit) -> None:
-    """A one-line error when ``split`` gives image tokens the model cannot take, or pixels it has no encoder for."""
-    if split.has_features:
-        T, D = split.images.shape[1:]
-        if D != model.vision_dim:
-            raise DataError(f"{split.name}: image features are ({T}, {D}), the model takes (N, {model.vision_dim})")
-    elif model.vision is None:
-        raise DataError(f"{split.name}: gives images, but the model takes precomputed image_features "
-                        f"(N, {model.vision_dim})")
 
 
 class VQATask(Task):
@@ -61,20 +37,11 @@ class VQATask(Task):
     config_class = VQAConfig
     metric = "accuracy"
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._resize: str | None = None
+    load_fields = ("image_size", "resize")
 
     def load_split(self, data: str, split: str, *, image_size: int | None = None,
-                   progress: bool | None = None, resize: str | None = None) -> VQASplit:
-        """``resize`` defaults to the last model's passed to :meth:`image_size` (the trainer and ``mmfuse
-        evaluate`` ask it before loading a split for a model), else ``"squash"``."""
-        return load_split(data, split, image_size=image_size or 64, progress=progress,
-                          resize=resize or self._resize or "squash")
-
-    def image_size(self, model: nn.Module) -> int | None:
-        self._resize = getattr(getattr(model, "config", None), "resize", None)
-        return super().image_size(model)
+                   progress: bool | None = None, resize: str = "squash") -> VQASplit:
+        return load_split(data, split, image_size=image_size or 64, progress=progress, resize=resize)
 
     def build_model(self, options: dict[str, Any], train_split: VQASplit) -> VQAModel:
         options = dict(options)
