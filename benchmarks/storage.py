@@ -64,7 +64,6 @@ def _make_dataset(root: Path, count: int) -> None:
 
 def _point(root: str, storage: str, size: int) -> dict:
     """One process: load the split, then gather one epoch; the peak RSS of each phase."""
-    os.environ["MMFUSE_IMAGE_STORAGE"] = storage
     import logging
 
     import torch
@@ -79,7 +78,7 @@ def _point(root: str, storage: str, size: int) -> dict:
     base = _status_kib("VmRSS")
     _reset_peak()
     start = time.perf_counter()
-    split = load_split(root, "train", image_size=size, progress=False)
+    split = load_split(root, "train", image_size=size, progress=False, storage=storage)
     load_s, load_peak = time.perf_counter() - start, _status_kib("VmHWM")
     n = len(split)
     batches = ImageGroupedBatches(split, torch.ones(n, 4, dtype=torch.long), torch.ones(n, 4, dtype=torch.bool),

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mmfuse.data import EASY_VQA, VQASplit, load_split
+from mmfuse.data import EASY_VQA, ImageStorage, VQASplit, load_split
 from mmfuse.device import resolve_device
 from mmfuse.evaluate import evaluate
 from mmfuse.fusion import available
@@ -45,11 +45,11 @@ _FIXED = ("data", "out", "epochs", "seed")  # set by run_ablation itself, identi
 
 
 def _measure(fusion: str, run_dir: Path, test: dict[tuple[int, str], VQASplit], data: str, progress: bool | None,
-             device: str) -> dict[str, Any]:
+             device: str, storage: ImageStorage) -> dict[str, Any]:
     model = VQAModel.from_pretrained(run_dir, device=resolve_device(device))
     key = (model.config.image_size, model.config.resize)
     if key not in test:
-        test[key] = load_split(data, "test", image_size=key[0], resize=key[1], progress=progress)
+        test[key] = load_split(data, "test", image_size=key[0], resize=key[1], progress=progress, storage=storage)
     split = test[key]
     t0 = time.perf_counter()
     result = evaluate(model, split)
@@ -93,7 +93,7 @@ def run_ablation(*, data: str = EASY_VQA, fusions: list[str], epochs: int, seed:
         cfg = TrainConfig(**base, data=str(data), out=str(run_dir), epochs=epochs, seed=seed,
                           progress=progress, model={**model_options, "fusion": fusion})
         train(cfg)
-        rows.append(_measure(fusion, run_dir, test, str(data), progress, cfg.device))
+        rows.append(_measure(fusion, run_dir, test, str(data), progress, cfg.device, cfg.storage))
     threads = torch.get_num_threads()
     header = (f"Ablation on `{data}`: {epochs} epoch{'s' if epochs != 1 else ''}, seed {seed}, "
               f"{threads} CPU thread{'s' if threads != 1 else ''}.")
@@ -192,12 +192,13 @@ def run_classify_ablation(*, data: str, variants: list[str], epochs: int, seed: 
     out_dir = Path(out_dir)
     model_options = dict(base.pop("model", {}))
     task = tasks.create("classify")
+    storage = ImageStorage.from_settings(base)
     splits: dict[tuple[str, int], Any] = {}  # (split, image size) -> split, loaded once
 
     def split(name: str, size: int | None) -> Any:
         key = (name, size or 64)
         if key not in splits:
-            splits[key] = task.load_split(str(data), name, image_size=size, progress=progress)
+            splits[key] = task.load_split(str(data), name, image_size=size, progress=progress, storage=storage)
         return splits[key]
 
     rows = []

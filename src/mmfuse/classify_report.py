@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from mmfuse.data.classify import ClassifySplit
+from mmfuse.data.storage import ImageStorage
 from mmfuse.device import resolve_device
 from mmfuse.io import atomic_write_text, read_json
 from mmfuse.models.classifier import ImageClassifier
@@ -155,10 +156,11 @@ def write_report(run_dir: str | os.PathLike, *, split: ClassifySplit | None = No
     task = ClassifyTask()
     model = task.load_model(run_dir)
     if split is None:
-        data = read_json(run_dir / "run.json").get("data")
-        if not data:
+        settings = read_json(run_dir / "run.json")
+        if not settings.get("data"):
             raise ValueError(f"{run_dir / 'run.json'} has no 'data'; pass split=")
-        split = task.load_split(data, "test", image_size=model.config.image_size)
+        split = task.load_split(settings["data"], "test", **task.load_options(model),
+                                storage=ImageStorage.from_settings(settings))
     c = model.config
     params = sum(p.numel() for p in model.parameters())
     figures = run_dir / _FIGURES
@@ -210,14 +212,17 @@ def _perturbed(split: ClassifySplit, name: str, severity: int, seed: int) -> Cla
 
 def run_robustness(checkpoints: Sequence[str | os.PathLike], *, data: str, split: str = "test",
                    out_dir: str | os.PathLike = "runs/robustness", seed: int = 0,
-                   perturbations: Sequence[str] | None = None, device: str = "cpu") -> Path:
+                   perturbations: Sequence[str] | None = None, device: str = "cpu",
+                   storage: ImageStorage | str = "auto") -> Path:
     """Accuracy of classifiers under image perturbations (and text ones on text contexts) at severities
-    0..5, written as :func:`mmfuse.robustness.write_report` does; returns the markdown path."""
+    0..5, written as :func:`mmfuse.robustness.write_report` does; returns the markdown path. ``storage``:
+    where the split's decoded images live."""
     task = ClassifyTask()
     models = [task.load_model(c, device=resolve_device(device)) for c in checkpoints]
-    splits: dict[int, ClassifySplit] = {}
+    splits: dict[int, ClassifySplit] = {}  # image size -> split, loaded once
     for m in models:
-        splits.setdefault(m.config.image_size, task.load_split(data, split, image_size=m.config.image_size))
+        if m.config.image_size not in splits:
+            splits[m.config.image_size] = task.load_split(data, split, **task.load_options(m), storage=storage)
     has_text = all(s.contexts is not None for s in splits.values())
     chosen = [get_perturbation(p).name for p in (perturbations or PERTURBATIONS)
               if has_text or get_perturbation(p).modality == "image"]

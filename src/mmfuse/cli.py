@@ -83,6 +83,51 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    help="'easy-vqa' (built in) or a directory with train/test .jsonl or .parquet (default: easy-vqa)")
 
 
+def _gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number of GiB >= 0, got {text!r}")
+    return value
+
+
+def _add_image_storage(p: argparse.ArgumentParser | Any, default: str = "the run's own, else auto",
+                       default_gb: str = "the run's own, else 2") -> None:
+    """``--image-storage`` and ``--image-memory-gb`` (see :mod:`mmfuse.data.storage`)."""
+    from mmfuse.data.storage import STORAGES
+
+    p.add_argument("--image-storage", choices=STORAGES,
+                   help="where decoded images live: memory, disk (a memory-mapped .npy in $MMFUSE_CACHE/images, "
+                        f"decoded once and reused), or auto: disk for a split larger than --image-memory-gb "
+                        f"(default: {default})")
+    p.add_argument("--image-memory-gb", type=_gib, metavar="GIB",
+                   help=f"--image-storage auto: GiB of decoded images a split may hold in memory (default: "
+                        f"{default_gb})")
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields --image-storage and --image-memory-gb set, where given."""
+    return {k: getattr(args, k) for k in ("image_storage", "image_memory_gb") if getattr(args, k) is not None}
+
+
+def _image_storage(args: argparse.Namespace, run: Path | None = None) -> Any:
+    """The ImageStorage of --image-storage / --image-memory-gb, each defaulting to the setting of the run in
+    ``run`` (its run.json), else to auto / 2 GiB."""
+    from mmfuse.data import ImageStorage
+    from mmfuse.runs import RUN_CONFIG, read_run_config
+
+    saved = ImageStorage()
+    if run is not None and (run / RUN_CONFIG).is_file():
+        try:
+            saved = ImageStorage.from_settings(read_run_config(run))
+        except ValueError as e:
+            raise UsageError(f"{run / RUN_CONFIG}: {e}") from e
+    return ImageStorage(args.image_storage or saved.mode,
+                        saved.memory_gb if args.image_memory_gb is None else args.image_memory_gb)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     d = _vqa_default
     g = p.add_argument_group("model")
@@ -241,6 +286,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"also checkpoint every N steps within an epoch, 0: off {d('checkpoint_every')}")
     g.add_argument("--eval-split", help=f"split evaluated during and after training, e.g. val {d('eval_split')}")
     g.add_argument("--eval-every", type=int, help=f"evaluate every N epochs, 0: only at the end {d('eval_every')}")
+    _add_image_storage(g, "auto", "2")
 
 
 def _task_names() -> str:
@@ -291,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confusion", metavar="FILE.png", help="write the confusion matrix")
     p.add_argument("--num-beams", type=int, help="captioner: beam search with this many beams (default: the "
                                                   "model's own decoding)")
+    _add_image_storage(p)
     _add_device(p)
     p.add_argument("--bf16", action="store_const", const="bf16", dest="precision", help="the same as --precision bf16")
 
@@ -305,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "every line of --split answered (lines need no 'answer') into --predictions")
     p.add_argument("--split", default="test", metavar="NAME", help="the split of --data: NAME.jsonl or NAME.parquet")
     p.add_argument("--predictions", metavar="OUT.jsonl", help="with --data: one JSON line per question")
+    _add_image_storage(p)
     p.add_argument("--attention-map", metavar="OUT.png", help="write the attention over the image")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_device(p)
@@ -336,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of every run")
     p.add_argument("--out", default="runs/ablation", help="folder of the runs and the table")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_image_storage(p, "auto", "2")
     _add_device(p)
 
     p = sub.add_parser("make-dataset", help="write a synthetic dataset as a JSONL directory")
@@ -365,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/robustness", help="folder of the report")
     p.add_argument("--limit", type=int, help="evaluate only the first N images' questions")
     p.add_argument("--seed", type=int, default=0, help="seed of the random perturbations")
+    _add_image_storage(p, "the first run's own, else auto", "the first run's own, else 2")
     _add_device(p, precision=False)
 
     p = sub.add_parser("serve", help="HTTP API and a page that answer questions about uploaded images")
@@ -401,7 +451,7 @@ def _run_data(run_dir: Path) -> str:
 
 
 # Settings that --resume accepts: where and how fast the run continues, not what it computes.
-_RESUME_OK = frozenset({"device", "threads", "compile"})
+_RESUME_OK = frozenset({"device", "threads", "compile", "image_storage", "image_memory_gb"})
 
 
 def _resume_conflicts(args: argparse.Namespace) -> list[str]:
@@ -430,7 +480,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             conflicts = _resume_conflicts(args)
             if conflicts:
                 raise UsageError(f"--resume continues a run with its own settings; drop {', '.join(conflicts)}")
-            overrides = {k: getattr(args, k) for k in ("threads", "compile") if getattr(args, k) is not None}
+            overrides = {k: getattr(args, k) for k in _RESUME_OK - {"device"} if getattr(args, k) is not None}
             result = resume(args.resume, device=args.device, progress=progress,
                             allow_data_change=args.allow_data_change, **overrides)
             out = Path(args.resume)
@@ -488,7 +538,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     task = tasks.for_model(model)
     device = next(model.parameters()).device
     data = args.data or _run_data(run)
-    split = task.load_split(data, args.split, **task.load_options(model))
+    split = task.load_split(data, args.split, **task.load_options(model), storage=_image_storage(args, run))
     if args.num_beams and model.model_type not in ("captioner", "answer-generator"):
         raise UsageError(f"--num-beams: {args.checkpoint} holds a {model.model_type} model, which generates nothing")
     decoding = {"strategy": "beam", "num_beams": args.num_beams} if args.num_beams else {}
@@ -519,6 +569,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mmfuse.data import load_image
     from mmfuse.models import VQAModel
 
+    storage_flags = [f for f, v in (("--image-storage", args.image_storage),
+                                    ("--image-memory-gb", args.image_memory_gb)) if v is not None]
+    if storage_flags and not args.data:
+        raise UsageError(f"{', '.join(storage_flags)}: only with --data (a single --image is decoded in memory)")
     model = _load_model(Path(args.checkpoint), args.device)
     from mmfuse.models.classifier import ImageClassifier
 
@@ -569,7 +623,7 @@ def _predict_split(model: Any, args: argparse.Namespace) -> int:
         raise UsageError("predict --data needs --predictions OUT.jsonl")
     task = tasks.for_model(model)
     split = load_split(args.data, args.split, image_size=model.config.image_size, require_answers=False,
-                       resize=model.config.resize)
+                       resize=model.config.resize, storage=_image_storage(args, Path(args.checkpoint)))
     unknown = unknown_words(model, split.questions)
     if unknown:
         log.warning("%d question words were never seen in training and are read as unknown: %s%s", len(unknown),
@@ -633,7 +687,8 @@ def _ablate_classify(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown variant(s) {unknown}; choose from {list(CLASSIFY_VARIANTS)}")
     given = {k: getattr(args, k) for k in ("images_per_batch", "lr", "threads") if getattr(args, k) is not None}
     base: dict[str, Any] = {"device": args.device, **({"precision": args.precision} if args.precision else {}),
-                            **(apply_preset(args.preset, given, {})[0] if args.preset else given)}
+                            **(apply_preset(args.preset, given, {})[0] if args.preset else given),
+                            **_storage_options(args)}
     base["model"] = {k: getattr(args, k) for k in ("width", "image_size") if getattr(args, k) is not None}
     epochs = args.epochs if args.epochs is not None else TrainConfig.__dataclass_fields__["epochs"].default
     run_classify_ablation(data=args.data, variants=variants, epochs=epochs, seed=args.seed, out_dir=args.out,
@@ -688,7 +743,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from mmfuse.train import TrainConfig
 
     epochs = args.epochs if args.epochs is not None else TrainConfig.__dataclass_fields__["epochs"].default
-    base = {"device": args.device, **({"precision": args.precision} if args.precision else {})}
+    base = {"device": args.device, **({"precision": args.precision} if args.precision else {}),
+            **_storage_options(args)}
     run_ablation(data=args.data, fusions=fusions, epochs=epochs, seed=args.seed, out_dir=args.out, base=base,
                  progress=False if args.no_progress else None)
     print((Path(args.out) / "results.md").read_text(encoding="utf-8"))
@@ -732,17 +788,18 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     from mmfuse.robustness import run_robustness
 
     data = args.data or _run_data(Path(args.checkpoint[0]))
+    storage = _image_storage(args, Path(args.checkpoint[0]))
     if _is_classifier_run(Path(args.checkpoint[0])):
         from mmfuse.classify_report import run_robustness as run_classify_robustness
 
         if args.limit is not None:
             raise UsageError("--limit applies to VQA models only")
         path = run_classify_robustness(args.checkpoint, data=data, split=args.split, out_dir=args.out,
-                                       seed=args.seed, device=args.device)
+                                       seed=args.seed, device=args.device, storage=storage)
         print(Path(path).read_text(encoding="utf-8"))
         return 0
     path = run_robustness(args.checkpoint, data=data, split=args.split, out_dir=args.out, limit=args.limit,
-                          seed=args.seed, device=args.device)
+                          seed=args.seed, device=args.device, storage=storage)
     print(Path(path).read_text(encoding="utf-8"))
     return 0
 

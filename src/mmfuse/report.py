@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmfuse.data import VQASplit, load_split
+from mmfuse.data import ImageStorage, VQASplit, load_split
 from mmfuse.data.vocab import CLS
 from mmfuse.evaluate import EvalResult, evaluate
 from mmfuse.fusion import LATENTS_TO_TOKENS, TOKENS_TO_TOKENS
@@ -210,10 +210,11 @@ def write_report(run_dir: str | os.PathLike, *, split: VQASplit | None = None, e
     run_dir = Path(run_dir)
     model = VQAModel.from_pretrained(run_dir)
     if split is None:
-        data = read_json(run_dir / "run.json").get("data")
-        if not data:
+        settings = read_json(run_dir / "run.json")
+        if not settings.get("data"):
             raise ValueError(f"{run_dir / 'run.json'} has no 'data'; pass split=")
-        split = load_split(data, "test", image_size=model.config.image_size, resize=model.config.resize)
+        split = load_split(settings["data"], "test", image_size=model.config.image_size, resize=model.config.resize,
+                           storage=ImageStorage.from_settings(settings))
     figures = run_dir / _FIGURES
     c = model.config
     params = sum(p.numel() for p in model.parameters())

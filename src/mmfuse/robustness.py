@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mmfuse.data import EASY_VQA, VQASplit, load_split
+from mmfuse.data import EASY_VQA, ImageStorage, VQASplit, load_split
 from mmfuse.device import resolve_device
 from mmfuse.evaluate import evaluate
 from mmfuse.io import atomic_write_text
@@ -100,14 +100,15 @@ def _mean(values: list[float | None]) -> float | None:
 def run_robustness(checkpoints: Sequence[str | os.PathLike], *, data: str = EASY_VQA, split: str = "test",
                    out_dir: str | os.PathLike = "runs/robustness", limit: int | None = None, seed: int = 0,
                    perturbations: Sequence[str] | None = None, progress: bool | None = None,
-                   device: str = "cpu") -> Path:
+                   device: str = "cpu", storage: ImageStorage | str = "auto") -> Path:
     """Accuracy of each checkpoint under each perturbation at severities 0..5; returns the markdown path.
 
     Writes into ``out_dir``: ``robustness.md`` (one table per model: perturbation x severity, AUC and
     relative robustness), ``robustness.csv`` (one row per model and perturbation), ``robustness.json``
     (everything) and ``robustness.png`` (accuracy vs severity, one panel per perturbation, one line per
     model). ``limit`` keeps the first ``limit`` images of the split and their questions; ``device`` is where
-    the models run (``auto``: see :func:`mmfuse.device.resolve_device`). The clean
+    the models run (``auto``: see :func:`mmfuse.device.resolve_device`); ``storage`` where the split's decoded
+    images live (:class:`~mmfuse.data.ImageStorage`). The clean
     accuracy (severity 0) is measured once per model and shared by every perturbation.
     """
     if not checkpoints:
@@ -125,7 +126,7 @@ def run_robustness(checkpoints: Sequence[str | os.PathLike], *, data: str = EASY
     for model in models:
         key = decoding(model)
         if key not in splits:
-            loaded = load_split(data, split, image_size=key[0], resize=key[1], progress=progress)
+            loaded = load_split(data, split, image_size=key[0], resize=key[1], progress=progress, storage=storage)
             splits[key] = loaded.first_images(limit) if limit is not None else loaded
 
     accuracy: list[dict[str, list[float]]] = [{p: [] for p in chosen} for _ in models]

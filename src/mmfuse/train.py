@@ -35,7 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mmfuse import runs, tasks
-from mmfuse.data import EASY_VQA, default_cache_dir
+from mmfuse.data import EASY_VQA, ImageStorage, default_cache_dir
 from mmfuse.device import autocast, cpu_bf16_support, default_threads, resolve_device, resolve_precision
 from mmfuse.io import CheckpointError, atomic_write_text, check_bounds, dataclass_from_dict, load_checked
 from mmfuse.models.base import check_fits_in_memory
@@ -87,6 +87,10 @@ class TrainConfig:
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: only at epoch ends)
     eval_split: str = "test"
     eval_every: int = 0  # evaluate every N epochs (and always after the last); 0: only after the last
+    # where decoded images live: memory, a memory-mapped .npy in $MMFUSE_CACHE/images (disk), or auto: disk
+    # for a split whose decoded images exceed image_memory_gb GiB (mmfuse.data.storage)
+    image_storage: Literal["auto", "memory", "disk"] = "auto"
+    image_memory_gb: float = 2.0
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
     model: dict[str, Any] = field(default_factory=dict)  # the model config's fields (sizes from data derived)
 
@@ -106,10 +110,16 @@ class TrainConfig:
             raise ValueError(f"step_gamma must be in (0, 1], got {self.step_gamma}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        self.storage  # noqa: B018 - raises for an unknown image_storage or a bad image_memory_gb
         if self.bf16:  # the alias wins over the default, and must not contradict an explicit choice
             if self.precision not in ("auto", "bf16"):
                 raise ValueError(f"bf16=True contradicts precision={self.precision!r}")
             self.precision, self.bf16 = "bf16", False
+
+    @property
+    def storage(self) -> ImageStorage:
+        """Where the run's decoded images live (``image_storage``, ``image_memory_gb``)."""
+        return ImageStorage(self.image_storage, self.image_memory_gb)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -272,7 +282,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         self.train_split = train_split if train_split is not None else self.task.load_split(
-            cfg.data, "train", **self.task.load_options(cfg.model), progress=cfg.progress)
+            cfg.data, "train", **self.task.load_options(cfg.model), progress=cfg.progress, storage=cfg.storage)
         self.threads = self._set_threads(state[1].get("threads") if state else None)
         if resume:
             self.model = self.task.load_model(self.out, device=self.device).train()
@@ -285,7 +295,7 @@ class Trainer:
         self.eval_split = eval_split
         if self.eval_split is None and self.rank == 0:
             self.eval_split = self.task.load_split(cfg.data, cfg.eval_split, **self.task.load_options(self.model),
-                                                   progress=cfg.progress)
+                                                   progress=cfg.progress, storage=cfg.storage)
         if self.rank == 0 and not resume:
             runs.write_run_config(self.out, cfg.to_dict())
         self.batches = self.task.batches(self.model, self.train_split, batch_size=cfg.images_per_batch,
@@ -471,7 +481,8 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         if self.eval_split is None:
             self.eval_split = self.task.load_split(self.cfg.data, self.cfg.eval_split,
-                                                   **self.task.load_options(self.model), progress=self.cfg.progress)
+                                                   **self.task.load_options(self.model), progress=self.cfg.progress,
+                                                   storage=self.cfg.storage)
         return self.task.evaluate(self.model, self.eval_split, device=self.device,
                                   precision=self.precision).summary()
 

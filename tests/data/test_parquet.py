@@ -120,9 +120,8 @@ def test_disk_storage_builds_once_and_matches_memory(tiny, tmp_path, monkeypatch
                                        "image": [(tiny / r["image"]).read_bytes() for r in rows]})
     memory = load_split(tmp_path, "train", image_size=16)
     monkeypatch.setenv("MMFUSE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("MMFUSE_IMAGE_STORAGE", "disk")
-    disk = load_split(tmp_path, "train", image_size=16)
+    disk = load_split(tmp_path, "train", image_size=16, storage="disk")
     assert hasattr(disk.images, "disk_rows") and torch.equal(disk.images, memory.images)
     with caplog.at_level(logging.INFO, logger="mmfuse.data.storage"):
-        again = load_split(tmp_path, "train", image_size=16)
+        again = load_split(tmp_path, "train", image_size=16, storage="disk")
     assert "image cache: reused" in caplog.text and torch.equal(again.images, memory.images)

@@ -16,6 +16,7 @@ from .images import DataError, load_image, load_images
 from .jsonl import SPLIT_NAMES, load_jsonl_split, split_file
 from .parquet import load_parquet_split, parquet_file
 from .split import VQASplit, majority_answer_accuracy
+from .storage import ImageStorage
 from .vocab import AnswerVocab, WordTokenizer, load_vocab, save_vocab
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "Batch",
     "DataError",
     "ImageGroupedBatches",
+    "ImageStorage",
     "VQASplit",
     "WordTokenizer",
     "default_cache_dir",
@@ -54,19 +56,20 @@ def has_split(data: str | Path, split: str) -> bool:
 
 def load_split(
     data: str | Path, split: str, *, image_size: int = 64, progress: bool | None = None,
-    require_answers: bool = True, resize: str = "squash",
+    require_answers: bool = True, resize: str = "squash", storage: ImageStorage | str = "auto",
 ) -> VQASplit:
     """Load ``split`` of ``data``: "easy-vqa" (train / test) or a directory of ``<split>.jsonl`` files (or
-    ``<split>.parquet``, read when there is no ``.jsonl`` of that split)."""
+    ``<split>.parquet``, read when there is no ``.jsonl`` of that split). ``storage``: where the decoded
+    images live (:class:`ImageStorage`, or its mode ``"auto"`` / ``"memory"`` / ``"disk"``)."""
     if str(data) == EASY_VQA:
         if split not in _EASY_VQA_SPLITS:
             raise DataError(f"easy-VQA has the splits {_EASY_VQA_SPLITS}, not {split!r}")
         return load_easy_vqa(split, image_size=image_size, progress=progress,  # type: ignore[arg-type]
-                             resize=resize)
+                             resize=resize, storage=storage)
     if not Path(data).is_dir():
         raise DataError(f"data {str(data)!r} is neither {EASY_VQA!r} nor a dataset directory "
                         "(one holding train.jsonl and test.jsonl)")
     load = (load_parquet_split if not split_file(data, split).is_file() and parquet_file(data, split).is_file()
             else load_jsonl_split)
     return load(data, split, image_size=image_size, progress=progress, require_answers=require_answers,
-                resize=resize)
+                resize=resize, storage=storage)

@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 
 from mmfuse.io import atomic_write_text
 
-from .images import DataError, load_images
+from .images import DataError
 from .jsonl import _numbered_lines, _resolve_image, split_file
+from .storage import ImageStorage, decoded_images
 
 __all__ = ["CAPTION_COLORS", "CAPTION_SHAPES", "CaptionSplit", "describe", "load_caption_split",
            "normalize_caption", "write_caption_dataset"]
@@ -84,9 +85,10 @@ def normalize_caption(text: str) -> str:
     return " ".join(_TOKEN_RE.findall(text.lower()))
 
 
-def load_caption_split(root: str | Path, split: str, *, image_size: int = 64,
-                       progress: bool | None = None) -> CaptionSplit:
-    """Read ``root/<split>.jsonl`` (format in the module docstring) and decode its images."""
+def load_caption_split(root: str | Path, split: str, *, image_size: int = 64, progress: bool | None = None,
+                       storage: ImageStorage | str = "auto") -> CaptionSplit:
+    """Read ``root/<split>.jsonl`` (format in the module docstring) and decode its images, in memory or on
+    disk as ``storage`` says (:mod:`mmfuse.data.storage`)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data {str(root)!r} is not a caption dataset directory (one holding train.jsonl and "
@@ -117,7 +119,8 @@ def load_caption_split(root: str | Path, split: str, *, image_size: int = 64,
     if not refs:
         raise DataError(f"{path}: no examples", path=path)
     try:
-        images = load_images(list(refs), image_size, desc=f"{base.name}/{split}", progress=progress)
+        images = decoded_images(list(refs), image_size, desc=f"{base.name}/{split}", progress=progress,
+                                storage=storage)
     except DataError as e:
         line = first_line.get(Path(e.path)) if e.path else None
         if line is None:

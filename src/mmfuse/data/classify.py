@@ -22,8 +22,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .images import DataError, load_images
+from .images import DataError
 from .jsonl import _numbered_lines, _resolve_image, split_file
+from .storage import ImageStorage, decoded_images
 
 __all__ = ["ClassifySplit", "ContextKind", "load_classify_split"]
 
@@ -105,9 +106,10 @@ class _Line:
     context_image: Path | None
 
 
-def load_classify_split(root: str | Path, split: str, *, image_size: int = 64,
-                        progress: bool | None = None) -> ClassifySplit:
-    """Load ``root/<split>.jsonl`` (format in the module docstring), images decoded at ``image_size``."""
+def load_classify_split(root: str | Path, split: str, *, image_size: int = 64, progress: bool | None = None,
+                        storage: ImageStorage | str = "auto") -> ClassifySplit:
+    """Load ``root/<split>.jsonl`` (format in the module docstring), images decoded at ``image_size``, in
+    memory or on disk as ``storage`` says (:mod:`mmfuse.data.storage`)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data {str(root)!r} is not a dataset directory (one holding train.jsonl and test.jsonl)")
@@ -128,27 +130,27 @@ def load_classify_split(root: str | Path, split: str, *, image_size: int = 64,
     name = f"{base.name}/{split}"
 
     images, image_index, image_paths = _decode(path, [(ln.image, ln.line) for ln in lines], image_size,
-                                               f"{name} images", progress)
+                                               f"{name} images", progress, storage)
     split_kw: dict[str, Any] = {}
     if kinds[0][0] == "text":
         split_kw["contexts"] = [str(ln.context) for ln in lines]
     elif kinds[0][0] == "image":
         ctx, ctx_index, ctx_paths = _decode(path, [(ln.context_image, ln.line) for ln in lines], image_size,
-                                            f"{name} contexts", progress)
+                                            f"{name} contexts", progress, storage)
         split_kw.update(context_images=ctx, context_index=ctx_index, context_paths=ctx_paths)
     return ClassifySplit(images=images, image_index=image_index, labels=[ln.label for ln in lines],
                          image_paths=image_paths, name=name, **split_kw)
 
 
-def _decode(path: Path, files: list[tuple[Any, int]], size: int, desc: str,
-            progress: bool | None) -> tuple[Tensor, Tensor, list[str]]:
+def _decode(path: Path, files: list[tuple[Any, int]], size: int, desc: str, progress: bool | None,
+            storage: ImageStorage | str) -> tuple[Tensor, Tensor, list[str]]:
     """Each distinct file decoded once: (images (M, 3, S, S), index (N,), paths)."""
     first_line: dict[Path, int] = {}
     for file, line in files:
         first_line.setdefault(file, line)
     row_of = {file: row for row, file in enumerate(first_line)}
     try:
-        images = load_images(list(first_line), size, desc=desc, progress=progress)
+        images = decoded_images(list(first_line), size, desc=desc, progress=progress, storage=storage)
     except DataError as e:
         line = first_line.get(Path(e.path)) if e.path else None
         if line is None:

@@ -13,7 +13,7 @@ import importlib.metadata
 import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import easy_vqa
 import torch
@@ -26,6 +26,9 @@ from mmfuse.io import atomic_path
 
 from .images import DataError, load_images
 from .split import VQASplit
+
+if TYPE_CHECKING:
+    from .storage import ImageStorage
 
 __all__ = ["answer_type", "default_cache_dir", "load_easy_vqa"]
 
@@ -53,11 +56,15 @@ def load_easy_vqa(
     cache_dir: str | Path | None = None,
     progress: bool | None = None,
     resize: str = "squash",
+    storage: ImageStorage | str = "auto",
 ) -> VQASplit:
     """Load one easy-VQA split, questions in the package's order, images decoded once and cached.
 
     The images are square, so every ``resize`` mode gives the same pixels; the split records the mode the
-    model asked for."""
+    model asked for. ``storage`` that says disk keeps the images in a memory-mapped ``.npy``
+    (:mod:`mmfuse.data.storage`) instead of memory."""
+    from .storage import ImageStorage, decoded_images  # here: storage takes default_cache_dir from this module
+
     if split == "train":
         questions, answers, image_ids = easy_vqa.get_train_questions()
         paths_by_id = easy_vqa.get_train_image_paths()
@@ -74,11 +81,16 @@ def load_easy_vqa(
         raise DataError(f"easy-VQA {split}: questions refer to images {missing[:5]} that are not installed")
     paths = [paths_by_id[i] for i in ids]
 
-    cache_file = Path(cache_dir or default_cache_dir()) / _cache_name(split, image_size, paths, resize)
-    images = _read_cache(cache_file, len(paths), image_size)
-    if images is None:
-        images = load_images(paths, image_size, desc=f"easy-VQA {split}", progress=progress, resize=resize)
-        _write_cache(cache_file, images)
+    desc = f"easy-VQA {split}"
+    if ImageStorage.of(storage).where(len(paths) * 3 * image_size**2) == "disk":
+        images = decoded_images([Path(p) for p in paths], image_size, desc=desc, progress=progress,
+                                storage="disk", cache_dir=cache_dir, resize=resize)
+    else:
+        cache_file = Path(cache_dir or default_cache_dir()) / _cache_name(split, image_size, paths, resize)
+        images = _read_cache(cache_file, len(paths), image_size)
+        if images is None:
+            images = load_images(paths, image_size, desc=desc, progress=progress, resize=resize)
+            _write_cache(cache_file, images)
 
     return VQASplit(
         images=images,

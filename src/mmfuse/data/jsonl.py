@@ -31,7 +31,7 @@ import torch
 from .features import load_feature_files
 from .images import DataError
 from .split import VQASplit
-from .storage import decoded_images
+from .storage import ImageStorage, decoded_images
 
 __all__ = ["SPLIT_NAMES", "load_jsonl_split", "split_file"]
 
@@ -62,9 +62,10 @@ class _Example:
 
 def load_jsonl_split(
     root: str | Path, split: str, *, image_size: int = 64, progress: bool | None = None,
-    require_answers: bool = True, resize: str = "squash",
+    require_answers: bool = True, resize: str = "squash", storage: ImageStorage | str = "auto",
 ) -> VQASplit:
-    """Load ``root/<split>.jsonl`` and decode the images it names into a :class:`VQASplit`.
+    """Load ``root/<split>.jsonl`` and decode the images it names into a :class:`VQASplit`, in memory or on
+    disk as ``storage`` says (:mod:`mmfuse.data.storage`).
 
     ``require_answers=False`` reads unlabelled lines too (no ``answer``: an empty answer), for prediction."""
     root = Path(root)
@@ -87,7 +88,7 @@ def load_jsonl_split(
         images = (load_feature_files(list(first_line), desc=f"{base.name}/{split}", progress=progress)
                   if examples[0].features else
                   decoded_images(list(first_line), image_size, desc=f"{base.name}/{split}", progress=progress,
-                                 resize=resize))
+                                 resize=resize, storage=storage))
     except DataError as e:
         line = first_line.get(Path(e.path)) if e.path else None
         if line is None:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .images import DataError, decode_image_bytes, load_image
 from .jsonl import _resolve_image
 from .split import VQASplit
-from .storage import stored_images
+from .storage import ImageStorage, stored_images
 
 __all__ = ["load_parquet_split", "parquet_file"]
 
@@ -50,9 +50,11 @@ def _import_pyarrow() -> Any:
 
 
 def load_parquet_split(root: str | Path, split: str, *, image_size: int = 64, progress: bool | None = None,
-                       require_answers: bool = True, resize: str = "squash") -> VQASplit:
-    """Load ``root/<split>.parquet`` into a :class:`VQASplit` (see the module docstring); with
-    ``require_answers=False`` the answer column may be missing or null (an empty answer), for prediction."""
+                       require_answers: bool = True, resize: str = "squash",
+                       storage: ImageStorage | str = "auto") -> VQASplit:
+    """Load ``root/<split>.parquet`` into a :class:`VQASplit` (see the module docstring), its images in
+    memory or on disk as ``storage`` says; with ``require_answers=False`` the answer column may be missing
+    or null (an empty answer), for prediction."""
     pq = _import_pyarrow()
     root = Path(root)
     path = parquet_file(root, split)
@@ -132,7 +134,7 @@ def load_parquet_split(root: str | Path, split: str, *, image_size: int = 64, pr
                     row += 1
 
     sources = [path.resolve(), *(Path(p) for p in image_paths if not p.startswith(f"{path.name}#row"))]
-    images = stored_images(len(first_rows), image_size, sources, fill, resize=resize)
+    images = stored_images(len(first_rows), image_size, sources, fill, resize=resize, storage=storage)
     return VQASplit(images=images, image_index=torch.tensor(image_index, dtype=torch.long),
                     questions=questions, answers=answers, answer_types=answer_types, image_paths=image_paths,
                     name=f"{base.name}/{split}", answer_lists=answer_lists, resize=resize)

@@ -6,19 +6,19 @@ progress bar while it builds) and later runs read that file; training gathers ea
 with ``pread`` (:mod:`mmfuse.data.disk`), so memory stays flat however large the file.
 
 The key covers what the decoded pixels depend on: every file's path, size and modification time, the
-image size, the ``resize`` mode and the decoding version. Settings (environment, so every command honours them):
-
-- ``MMFUSE_IMAGE_STORAGE``: ``auto`` (default: disk above the threshold), ``memory`` or ``disk``;
-- ``MMFUSE_IMAGE_MEMORY_GB``: the threshold of ``auto`` in GiB of decoded images (default 2);
-- ``MMFUSE_CACHE``: the cache directory (default ``~/.cache/mmfuse``).
+image size, the ``resize`` mode and the decoding version. The choice is an :class:`ImageStorage` (the
+command line's ``--image-storage`` and ``--image-memory-gb``); the cache directory is ``$MMFUSE_CACHE``
+(default ``~/.cache/mmfuse``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from .disk import read_array, write_array
 from .easy_vqa import default_cache_dir
 from .images import DataError, load_images
 
-__all__ = ["STORAGES", "decoded_images", "image_storage", "stored_images"]
+__all__ = ["STORAGES", "ImageStorage", "decoded_images", "stored_images"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +39,38 @@ _FORMAT = "1"
 _GIB = 2**30
 
 
-def image_storage(num_bytes: int, storage: str | None = None) -> str:
-    """``"memory"`` or ``"disk"`` for ``num_bytes`` of decoded images under ``storage`` (default: the environment)."""
-    storage = storage or os.environ.get("MMFUSE_IMAGE_STORAGE", "auto")
-    if storage not in STORAGES:
-        raise ValueError(f"image storage must be one of {STORAGES}, got {storage!r} (MMFUSE_IMAGE_STORAGE)")
-    if storage != "auto":
-        return storage
-    limit = float(os.environ.get("MMFUSE_IMAGE_MEMORY_GB", "2"))
-    return "disk" if num_bytes > limit * _GIB else "memory"
+@dataclass(frozen=True)
+class ImageStorage:
+    """Where decoded images live: ``mode`` ``"memory"``, ``"disk"`` (a memory-mapped ``.npy`` in the cache
+    directory) or ``"auto"``: disk when a split's decoded images exceed ``memory_gb`` GiB."""
+
+    mode: str = "auto"
+    memory_gb: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in STORAGES:
+            raise ValueError(f"image_storage must be one of {', '.join(STORAGES)}, got {self.mode!r}")
+        gb = self.memory_gb
+        if isinstance(gb, bool) or not isinstance(gb, int | float) or not (math.isfinite(gb) and gb >= 0):
+            raise ValueError(f"image_memory_gb must be a finite number of GiB >= 0, got {gb!r}")
+
+    @classmethod
+    def of(cls, storage: ImageStorage | str) -> ImageStorage:
+        """``storage`` itself, or ``ImageStorage(storage)`` for a mode given by name."""
+        return storage if isinstance(storage, ImageStorage) else cls(storage)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> ImageStorage:
+        """From a run's training settings (``run.json``: ``image_storage``, ``image_memory_gb``); the defaults
+        where they are absent (a run written before they existed)."""
+        default = cls()
+        return cls(settings.get("image_storage", default.mode), settings.get("image_memory_gb", default.memory_gb))
+
+    def where(self, num_bytes: int) -> str:
+        """``"memory"`` or ``"disk"`` for a split of ``num_bytes`` decoded bytes."""
+        if self.mode != "auto":
+            return self.mode
+        return "disk" if num_bytes > self.memory_gb * _GIB else "memory"
 
 
 def _key(paths: Sequence[Path], size: int, resize: str) -> str:
@@ -62,11 +85,12 @@ def _key(paths: Sequence[Path], size: int, resize: str) -> str:
 
 
 def stored_images(num_images: int, size: int, sources: Sequence[Path], fill: Callable[[Any], None], *,
-                  storage: str | None = None, cache_dir: str | Path | None = None, resize: str = "squash") -> Tensor:
+                  storage: ImageStorage | str = "auto", cache_dir: str | Path | None = None,
+                  resize: str = "squash") -> Tensor:
     """(num_images, 3, size, size) uint8 images that ``fill(out)`` decodes (``out[i] = image``), in memory or
-    from / into the disk cache; ``sources`` are the files the pixels come from (the cache key)."""
+    from / into the disk cache as ``storage`` says; ``sources`` are the files the pixels come from (the key)."""
     shape = (num_images, 3, size, size)
-    if image_storage(int(np.prod(shape)), storage) == "memory":
+    if ImageStorage.of(storage).where(int(np.prod(shape))) == "memory":
         out = torch.empty(shape, dtype=torch.uint8)
         fill(out)
         return out
@@ -81,7 +105,8 @@ def stored_images(num_images: int, size: int, sources: Sequence[Path], fill: Cal
 
 
 def decoded_images(paths: Sequence[Path], size: int, *, desc: str = "images", progress: bool | None = None,
-                   storage: str | None = None, cache_dir: str | Path | None = None, resize: str = "squash") -> Tensor:
+                   storage: ImageStorage | str = "auto", cache_dir: str | Path | None = None,
+                   resize: str = "squash") -> Tensor:
     """``load_images(paths, size)``, in memory or from / into the disk cache (see the module docstring)."""
     return stored_images(len(paths), size, paths, lambda out: load_images(
         paths, size, desc=desc, progress=progress, out=out, resize=resize), storage=storage, cache_dir=cache_dir,

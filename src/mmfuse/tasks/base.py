@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor, nn
 
+from mmfuse.data.storage import ImageStorage
 from mmfuse.layers import CrossAttention
 
 __all__ = ["Batches", "EvalOutput", "StepOutput", "Task", "attention_l2", "attention_modules"]
@@ -85,9 +86,10 @@ class Task(abc.ABC):
     load_fields: ClassVar[tuple[str, ...]] = ("image_size",)
 
     @abc.abstractmethod
-    def load_split(self, data: str, split: str, *, image_size: int | None = None,
-                   progress: bool | None = None) -> Any:
-        """The split ``split`` of ``data`` (a dataset name or directory), images at ``image_size``."""
+    def load_split(self, data: str, split: str, *, image_size: int | None = None, progress: bool | None = None,
+                   storage: ImageStorage | str = "auto") -> Any:
+        """The split ``split`` of ``data`` (a dataset name or directory), images at ``image_size``, held in
+        memory or on disk as ``storage`` says (:class:`~mmfuse.data.storage.ImageStorage`)."""
 
     def load_options(self, config: Any) -> dict[str, Any]:
         """The keyword arguments of :meth:`load_split` that decode images the way a model with ``config``

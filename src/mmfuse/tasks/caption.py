@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmfuse.data import WordTokenizer
+from mmfuse.data import ImageStorage, WordTokenizer
 from mmfuse.data import load_split as load_vqa_split
 from mmfuse.data.captions import load_caption_split, normalize_caption
 from mmfuse.device import autocast
@@ -142,9 +142,9 @@ class CaptionTask(Task):
     train_defaults: ClassVar[dict[str, Any]] = {"epochs": 7, "images_per_batch": 32, "lr": 3e-3,
                                                   "warmup_steps": 200, "weight_decay": 0.05}
 
-    def load_split(self, data: str, split: str, *, image_size: int | None = None,
-                   progress: bool | None = None) -> Any:
-        return load_caption_split(data, split, image_size=image_size or 64, progress=progress)
+    def load_split(self, data: str, split: str, *, image_size: int | None = None, progress: bool | None = None,
+                   storage: ImageStorage | str = "auto") -> Any:
+        return load_caption_split(data, split, image_size=image_size or 64, progress=progress, storage=storage)
 
     # hooks the answer-generating task overrides ------------------------------------------------------
     def _texts(self, split: Any) -> tuple[Tensor, list[str], list[str] | None]:
@@ -239,9 +239,9 @@ class VQAGenerateTask(CaptionTask):
     _model_class = AnswerGenerator
     train_defaults: ClassVar[dict[str, Any]] = {}
 
-    def load_split(self, data: str, split: str, *, image_size: int | None = None,
-                   progress: bool | None = None) -> Any:
-        return load_vqa_split(data, split, image_size=image_size or 64, progress=progress)
+    def load_split(self, data: str, split: str, *, image_size: int | None = None, progress: bool | None = None,
+                   storage: ImageStorage | str = "auto") -> Any:
+        return load_vqa_split(data, split, image_size=image_size or 64, progress=progress, storage=storage)
 
     def _texts(self, split: Any) -> tuple[Tensor, list[str], list[str] | None]:
         return split.image_index, list(split.answers), list(split.questions)

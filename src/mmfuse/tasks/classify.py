@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmfuse.data.classify import ClassifySplit, load_classify_split
+from mmfuse.data.storage import ImageStorage
 from mmfuse.data.vocab import AnswerVocab, WordTokenizer
 from mmfuse.device import autocast
 from mmfuse.models.classifier import ImageClassifier, ImageClassifierConfig
@@ -172,9 +173,9 @@ class ClassifyTask(Task):
     config_class = ImageClassifierConfig
     metric = "accuracy"
 
-    def load_split(self, data: str, split: str, *, image_size: int | None = None,
-                   progress: bool | None = None) -> ClassifySplit:
-        return load_classify_split(data, split, image_size=image_size or 64, progress=progress)
+    def load_split(self, data: str, split: str, *, image_size: int | None = None, progress: bool | None = None,
+                   storage: ImageStorage | str = "auto") -> ClassifySplit:
+        return load_classify_split(data, split, image_size=image_size or 64, progress=progress, storage=storage)
 
     def build_model(self, options: dict[str, Any], train_split: ClassifySplit) -> ImageClassifier:
         """A classifier over ``train_split``'s labels. Unless ``options`` say otherwise, a VGG reads the

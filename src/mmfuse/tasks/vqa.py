@@ -12,6 +12,7 @@ from torch import nn
 from mmfuse.data import AnswerVocab, ImageGroupedBatches, VQASplit, WordTokenizer, encode_answers, load_split
 from mmfuse.data.batching import Batch
 from mmfuse.data.feature_cache import cached_image_tokens
+from mmfuse.data.storage import ImageStorage
 from mmfuse.evaluate import EvalResult, check_split, evaluate, write_predictions
 from mmfuse.models.vqa import VQAConfig, VQAModel
 from mmfuse.tasks.base import StepOutput, Task
@@ -39,9 +40,10 @@ class VQATask(Task):
 
     load_fields = ("image_size", "resize")
 
-    def load_split(self, data: str, split: str, *, image_size: int | None = None,
-                   progress: bool | None = None, resize: str = "squash") -> VQASplit:
-        return load_split(data, split, image_size=image_size or 64, progress=progress, resize=resize)
+    def load_split(self, data: str, split: str, *, image_size: int | None = None, progress: bool | None = None,
+                   storage: ImageStorage | str = "auto", resize: str = "squash") -> VQASplit:
+        return load_split(data, split, image_size=image_size or 64, progress=progress, resize=resize,
+                          storage=storage)
 
     def build_model(self, options: dict[str, Any], train_split: VQASplit) -> VQAModel:
         options = dict(options)
