@@ -150,3 +150,10 @@ def test_a_resize_mode_is_recorded_and_gives_the_same_square_images(monkeypatch,
     padded = load_split("easy-vqa", "test", resize="pad", progress=False)
     assert padded.resize == "pad" and test.resize == "squash"
     assert torch.equal(padded.images, test.images)  # every easy-VQA image is square
+
+
+def test_disk_storage_keeps_the_images_in_a_mapped_file(monkeypatch, tmp_path, test):
+    monkeypatch.setenv("MMFUSE_CACHE", str(tmp_path))
+    disk = load_split("easy-vqa", "test", storage="disk", progress=False)
+    assert disk.images.disk_rows.path.parent == tmp_path / "images"
+    assert torch.equal(disk.images, test.images) and torch.equal(disk.image_index, test.image_index)
