@@ -1,4 +1,5 @@
-"""Tiny random-weight Hugging Face vision models, saved with their image processor settings to a folder.
+"""Tiny random-weight Hugging Face models, saved to a folder: vision models with their image processor
+settings, and a text encoder with its tokenizer.
 
 The real loading code (``from_pretrained(folder, local_files_only=True)``) then runs on models the tests
 make; nothing is downloaded. Each ``save_*`` returns the folder.
@@ -10,7 +11,24 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TINY", "save_clip_vision", "save_convnext", "save_dinov2", "save_vit"]
+__all__ = ["TINY", "save_bert", "save_clip_vision", "save_convnext", "save_dinov2", "save_vit"]
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "color", "shape", "is", "the", "there", "a", "red",
+         "circle", "?"]
+
+
+def save_bert(folder: str | Path, seed: int = 0) -> Path:
+    """A one-layer BERT (32 wide) with a word-piece tokenizer over :data:`WORDS`."""
+    import transformers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    transformers.BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=len(WORDS), max_position_embeddings=64, **TINY)
+    transformers.BertModel(config).save_pretrained(folder)
+    return folder
 
 TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
 

