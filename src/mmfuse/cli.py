@@ -112,6 +112,12 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in ("image_storage", "image_memory_gb") if getattr(args, k) is not None}
 
 
+def _storage_defaults() -> tuple[str, str]:
+    from mmfuse.train import TrainConfig
+
+    return str(_default(TrainConfig, "image_storage")), f"{_default(TrainConfig, 'image_memory_gb'):g}"
+
+
 def _image_storage(args: argparse.Namespace, run: Path | None = None) -> Any:
     """The ImageStorage of --image-storage / --image-memory-gb, each defaulting to the setting of the run in
     ``run`` (its run.json), else to auto / 2 GiB."""
@@ -286,7 +292,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"also checkpoint every N steps within an epoch, 0: off {d('checkpoint_every')}")
     g.add_argument("--eval-split", help=f"split evaluated during and after training, e.g. val {d('eval_split')}")
     g.add_argument("--eval-every", type=int, help=f"evaluate every N epochs, 0: only at the end {d('eval_every')}")
-    _add_image_storage(g, "auto", "2")
+    _add_image_storage(g, *_storage_defaults())
 
 
 def _task_names() -> str:
@@ -384,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of every run")
     p.add_argument("--out", default="runs/ablation", help="folder of the runs and the table")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_image_storage(p, "auto", "2")
+    _add_image_storage(p, *_storage_defaults())
     _add_device(p)
 
     p = sub.add_parser("make-dataset", help="write a synthetic dataset as a JSONL directory")

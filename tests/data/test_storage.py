@@ -147,6 +147,13 @@ def test_auto_with_a_zero_threshold_goes_to_disk(tiny, tmp_path):
     assert len(cached_files(tmp_path)) == 2
 
 
+def test_ablate_passes_the_storage_to_every_run(tiny, tmp_path, capsys):
+    assert main(["ablate", "--data", str(tiny), "--fusions", "concat", "--epochs", "1", "--out",
+                 str(tmp_path / "ablation"), "--no-progress", "--image-storage", "disk"]) == 0
+    assert len(cached_files(tmp_path)) == 2  # train and test at 64 px, decoded once, reused by the measurement
+    assert json.loads((tmp_path / "ablation" / "concat" / "run.json").read_text())["image_storage"] == "disk"
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["train", "--image-storage", "ram"], "argument --image-storage: invalid choice: 'ram'"),
     (["train", "--image-memory-gb", "-1"], "argument --image-memory-gb: expected a number of GiB >= 0, got '-1'"),
