@@ -87,13 +87,13 @@ def _gib(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        value = float("nan")
-    if not (value >= 0 and value != float("inf")):
+        value = -1.0
+    if not 0 <= value < float("inf"):  # also refuses nan
         raise argparse.ArgumentTypeError(f"expected a number of GiB >= 0, got {text!r}")
     return value
 
 
-def _add_image_storage(p: argparse.ArgumentParser | Any, default: str = "the run's own, else auto",
+def _add_image_storage(p: Any, default: str = "the run's own, else auto",
                        default_gb: str = "the run's own, else 2") -> None:
     """``--image-storage`` and ``--image-memory-gb`` (see :mod:`mmfuse.data.storage`)."""
     from mmfuse.data.storage import STORAGES

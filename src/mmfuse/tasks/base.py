@@ -76,14 +76,13 @@ class Task(abc.ABC):
     metric: ClassVar[str] = "accuracy"
     #: the task's own training recipe (TrainConfig fields) under a preset and the command line's flags
     train_defaults: ClassVar[dict[str, Any]] = {}
+    #: the model config's fields that say how a split's images are decoded: :meth:`load_split` takes them
+    #: by name, so a split is decoded once, as the model takes it (see :meth:`load_options`)
+    load_fields: ClassVar[tuple[str, ...]] = ("image_size",)
 
     def __init__(self, *, label_smoothing: float = 0.0, attention_l2: float = 0.0) -> None:
         self.label_smoothing = label_smoothing
         self.attention_l2 = attention_l2
-
-    #: the model config's fields that say how a split's images are decoded: :meth:`load_split` takes them
-    #: by name, so a split is decoded once, as the model takes it (see :meth:`load_options`)
-    load_fields: ClassVar[tuple[str, ...]] = ("image_size",)
 
     @abc.abstractmethod
     def load_split(self, data: str, split: str, *, image_size: int | None = None, progress: bool | None = None,
