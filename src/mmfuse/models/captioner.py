@@ -40,7 +40,7 @@ from mmfuse.encoders.text import TransformerTextEncoder
 from mmfuse.encoders.vision import ConvEncoder
 from mmfuse.io import CheckpointError, atomic_write_text, dataclass_from_dict, read_json
 from mmfuse.layers import AttentionBlock, AttentionPooling
-from mmfuse.layers.common import gather_rows
+from mmfuse.layers.common import check_mask, check_tokens, gather_rows, trust_inputs, zero_padding
 from mmfuse.models.base import PretrainedModel
 from mmfuse.models.vqa import normalize_images
 
@@ -157,19 +157,22 @@ class CaptionerConfig:
 
 
 class DecoderCache:
-    """One (self-attention, cross-attention) :class:`KVCache` pair per decoder block."""
+    """One (self-attention, cross-attention) :class:`KVCache` pair per decoder block; the self-attention
+    caches preallocate ``capacity`` positions (the decoder's ``max_length``)."""
 
-    def __init__(self, depth: int) -> None:
-        self.layers = [(KVCache(), KVCache(static=True)) for _ in range(depth)]
+    def __init__(self, depth: int, capacity: int | None = None) -> None:
+        self.layers = [(KVCache(capacity=capacity), KVCache(static=True)) for _ in range(depth)]
 
     def __len__(self) -> int:
         """Tokens decoded so far (the position of the next one)."""
         return len(self.layers[0][0])
 
     def reorder(self, index: Tensor) -> None:
-        for self_cache, cross_cache in self.layers:
+        """Keep rows ``index`` of the self-attention caches (beam search). The cross-attention caches stay:
+        row i keeps attending over context row i, as it does without a cache (the caller reorders no context,
+        and beam search only moves hypotheses among rows that share one)."""
+        for self_cache, _ in self.layers:
             self_cache.reorder(index)
-            cross_cache.reorder(index)
 
 
 class Captioner(PretrainedModel):
@@ -206,6 +209,7 @@ class Captioner(PretrainedModel):
             AttentionBlock(c.dim, context_dim=c.dim, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio,
                            dropout=c.dropout, impl=c.impl) for _ in range(c.depth))
         self.norm = nn.LayerNorm(c.dim)
+        trust_inputs(*self.blocks)  # decode checks the context once, not in every block at every step
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -257,6 +261,10 @@ class Captioner(PretrainedModel):
         T = ids.shape[1]
         if start + T > self.config.max_length:
             raise ValueError(f"{start + T} decoder positions, more than max_length={self.config.max_length}")
+        if start == 0:  # later steps reuse the context the caches were filled from
+            check_tokens(context, self.config.dim, "context", batch=ids.shape[0], seq="N")
+            check_mask(context_mask, context, "context_mask")
+            context = zero_padding(context, context_mask)
         x = self.drop(self.embed(ids) + self.pos[start:start + T])  # (B, T, C)
         weights = []
         for i, block in enumerate(self.blocks):
@@ -275,7 +283,7 @@ class Captioner(PretrainedModel):
         return self.decode(ids, context, context_mask)[0]
 
     def new_cache(self) -> DecoderCache:
-        return DecoderCache(len(self.blocks))
+        return DecoderCache(len(self.blocks), self.config.max_length)
 
     # ----------------------------------------------------------------------------------------------
     def tokenize_questions(self, questions: Sequence[str]) -> tuple[Tensor, Tensor]:
