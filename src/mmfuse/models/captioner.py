@@ -34,13 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mmfuse.attention import KVCache
 from mmfuse.data.vocab import WordTokenizer
 from mmfuse.encoders.text import TransformerTextEncoder
+from mmfuse.encoders.tokenizer import decoder_rows
 from mmfuse.encoders.vision import ConvEncoder
 from mmfuse.io import CheckpointError, atomic_write_text, dataclass_from_dict, read_json
 from mmfuse.layers import AttentionBlock, AttentionPooling
@@ -81,17 +81,8 @@ class CaptionTokenizer:
 
         Raises ``ValueError`` naming the text when one does not fit (a truncated caption would teach the
         decoder to stop early)."""
-        rows = []
-        for text in texts:
-            row = [BOS, *(self._ids.get(t, UNK) for t in WordTokenizer.tokenize(text)), EOS]
-            if len(row) > max_length:
-                raise ValueError(f"text {text!r} has {len(row)} tokens with <bos>/<eos>, more than max_length="
-                                 f"{max_length}; raise the model's max_length")
-            rows.append(row)
-        ids = np.full((len(rows), max(map(len, rows), default=2)), PAD, dtype=np.int64)
-        for i, row in enumerate(rows):
-            ids[i, :len(row)] = row
-        return torch.from_numpy(ids)
+        return decoder_rows(texts, lambda text: (self._ids.get(t, UNK) for t in WordTokenizer.tokenize(text)),
+                            bos=BOS, eos=EOS, pad=PAD, max_length=max_length)
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of one row of generated ids (without ``<bos>``), up to its first ``<eos>``."""

@@ -33,12 +33,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mmfuse.attention import AttentionConfig, KVCache
 from mmfuse.encoders.hf import freeze_backbone, resolve_hf_path
+from mmfuse.encoders.tokenizer import decoder_rows
 from mmfuse.layers import GatedCrossAttention
 from mmfuse.layers.common import trust_inputs
 
@@ -86,17 +86,8 @@ class LMTokenizer:
 
     def encode(self, texts: Sequence[str], *, max_length: int) -> Tensor:
         """``(N, L)`` int64 ids, L <= ``max_length``; ``ValueError`` naming a text that does not fit."""
-        rows = []
-        for text in texts:
-            row = [self.bos_id, *self.hf(text, add_special_tokens=False)["input_ids"], self.eos_id]
-            if len(row) > max_length:
-                raise ValueError(f"text {text!r} has {len(row)} tokens with <bos>/<eos>, more than max_length="
-                                 f"{max_length}; raise the model's max_length")
-            rows.append(row)
-        ids = np.full((len(rows), max(map(len, rows), default=2)), self.pad_id, dtype=np.int64)
-        for i, row in enumerate(rows):
-            ids[i, :len(row)] = row
-        return torch.from_numpy(ids)
+        return decoder_rows(texts, lambda text: self.hf(text, add_special_tokens=False)["input_ids"],
+                            bos=self.bos_id, eos=self.eos_id, pad=self.pad_id, max_length=max_length)
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of one row of generated ids (without ``<bos>``), up to its first ``<eos>``."""
