@@ -217,10 +217,13 @@ def test_caption_and_vqa_generate_with_a_frozen_hf_lm(scenes, tmp_path, capsys):
     assert 0.0 <= metrics["test_exact_match"] <= 1.0 and metrics["train_loss"] == metrics["train_loss"]  # not NaN
     image = scenes / json.loads((scenes / "test.jsonl").read_text().splitlines()[0])["image"]
     capsys.readouterr()
-    assert main(["predict", "--checkpoint", str(out), "--image", str(image), "--json"]) == 0
-    prediction = json.loads(capsys.readouterr().out)["prediction"]
+    figure = tmp_path / "words.png"
+    assert main(["predict", "--checkpoint", str(out), "--image", str(image), "--json", "--attention-map",
+                 str(figure)]) == 0
+    prediction = json.loads(capsys.readouterr().out.splitlines()[0])["prediction"]
     texts, _ = model.generate(load_image(image, model.config.image_size)[None])
     assert isinstance(prediction, str) and prediction == texts[0]
+    assert figure.stat().st_size > 1000  # the gated blocks' attention, one panel per word
 
     data = make_tiny_dataset(tmp_path / "tiny")
     assert main(["train", "--task", "vqa-generate", "--data", str(data), "--out", str(tmp_path / "vqa"), "--lm",
