@@ -15,7 +15,9 @@ feed-forward to the hidden states. The gates start at zero, so at initialisation
 the LM's own logits; training moves only the gates and the blocks (the LM is frozen and stays in eval mode,
 its gradients still flow through it to the blocks below). The blocks are attached with forward hooks on the
 LM's layers, so the LM runs through its own ``forward`` (its positions, masks and ``past_key_values``) in
-every version of ``transformers`` that has the model.
+every version of ``transformers`` that has the model. The hooks read the context of the call in progress
+from the module, so one instance runs one forward at a time (``mmfuse serve`` runs the model on one worker
+thread).
 
 The LM's weights stay in its folder and are not part of the state: a fingerprint of the folder takes their
 place (:func:`mmfuse.encoders.hf.freeze_backbone`), so a checkpoint stores the blocks only and refuses a folder
