@@ -63,6 +63,8 @@ class CaptionTokenizer:
     """Words and punctuation (:meth:`WordTokenizer.tokenize`) with ``<pad>`` 0, ``<unk>`` 1, ``<bos>`` 2,
     ``<eos>`` 3. ``encode`` gives ``<bos> words <eos>`` rows, right-padded; ``decode`` stops at ``<eos>``."""
 
+    bos_id, eos_id, pad_id = BOS, EOS, PAD
+
     def __init__(self, vocab: Sequence[str]) -> None:
         vocab = list(vocab)
         if tuple(vocab[:4]) != _SPECIAL or len(set(vocab)) != len(vocab):
@@ -94,8 +96,6 @@ class CaptionTokenizer:
             if i not in (PAD, BOS):
                 words.append(self.vocab[i] if 0 <= i < len(self.vocab) else "<unk>")
         return _NO_SPACE_BEFORE.sub(r"\1", " ".join(words))
-
-    bos_id, eos_id, pad_id = BOS, EOS, PAD
 
     def token(self, i: int) -> str:
         """How token ``i`` reads on its own (figure titles)."""
