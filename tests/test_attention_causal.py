@@ -96,6 +96,49 @@ def test_kv_cache_appends_and_reorders():
     assert static.full and torch.equal(static.update(b, b)[0], b)  # a static cache is replaced, never grown
 
 
+def test_kv_cache_preallocates_and_grows_past_its_capacity():
+    """Writes into a buffer (no copy of the cached keys per step), doubling it when a sequence outgrows it."""
+    cache = KVCache(capacity=3)
+    steps = [torch.randn(2, 1, n, 4) for n in (2, 1, 1, 3)]
+    buffers = []
+    for x in steps:
+        k, v = cache.update(x, -x)
+        buffers.append(cache._k)
+    assert buffers[0] is buffers[1]  # the second step wrote in place
+    assert torch.equal(k, torch.cat(steps, dim=2)) and torch.equal(v, -k) and len(cache) == 7
+    assert cache._k.shape[2] >= 7
+    cache.reorder(torch.tensor([1, 0]))
+    assert torch.equal(cache.k, torch.cat(steps, dim=2).flip(0)) and len(cache) == 7
+    with pytest.raises(ValueError, match="capacity"):
+        KVCache(capacity=0)
+
+
+def test_kv_cache_under_autograd_concatenates():
+    """Keys that require grad are never written in place: the gradient through two steps is right."""
+    a, b = (torch.randn(1, 1, n, 2, requires_grad=True) for n in (2, 1))
+    cache = KVCache(capacity=8)
+    first, _ = cache.update(a, a)
+    (first.sum() + cache.update(b, b)[0].pow(2).sum()).backward()
+    assert_close(a.grad, 1 + 2 * a.detach())
+    assert_close(b.grad, 2 * b.detach())
+
+
+def test_static_cache_zeroes_padding_once():
+    """A static cache given the context mask stores zeros there; attend then skips its own selection."""
+    q = torch.randn(2, 2, 1, 4)
+    k, v = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
+    mask = torch.tensor([[True, True, False, True, False], [True] * 5])
+    k[0, :, 2] = float("nan")
+    cache = KVCache(static=True)
+    ck, cv = cache.update(k, v, mask)
+    assert (ck[0, :, [2, 4]] == 0).all() and (cv[0, :, [2, 4]] == 0).all()
+    expected, _ = attend(q, k, v, key_padding_mask=mask)
+    out, _ = attend(q, ck, cv, key_padding_mask=mask, padding_zeroed=True)
+    assert_close(out, expected)
+    with pytest.raises(ValueError, match="growing"):
+        KVCache().update(k, v, mask)
+
+
 @pytest.mark.parametrize("impl", ["auto", "math"])
 def test_cached_decoding_matches_a_full_forward(impl):
     """Decoding token by token with caches gives the full causal forward's outputs at every position."""

@@ -197,3 +197,42 @@ def test_a_caption_model_is_served_over_http(run, scenes):
     expected, _ = model.generate(load_image(image, model.config.image_size)[None])
     assert body["caption"] == expected[0]
     assert body["attention_png"]  # one panel per generated word
+
+
+def test_caption_and_vqa_generate_with_a_frozen_hf_lm(scenes, tmp_path, capsys):
+    """``--lm hf:PATH``: the tiny GPT-2 decodes, gated cross-attention reads the image; train, predict, evaluate."""
+    pytest.importorskip("transformers")
+    from mmfuse.data import load_image
+    from mmfuse.data.captions import CAPTION_COLORS, CAPTION_SHAPES
+    from tests.tiny_hf import save_gpt2
+
+    words = ["a", "small", "large", *CAPTION_COLORS, *CAPTION_SHAPES, ",", "and", "yes", "no"]
+    lm = save_gpt2(tmp_path / "gpt2", words)
+    out = tmp_path / "run"
+    assert main(["train", "--task", "caption", "--data", str(scenes), "--out", str(out), "--lm", f"hf:{lm}",
+                 "--lm-every", "1", *TINY]) == 0
+    model = PretrainedModel.from_pretrained(out)
+    assert model.model_type == "captioner" and model.config.lm == str(lm) and len(model.lm.xattn) == 2
+    metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= metrics["test_exact_match"] <= 1.0 and metrics["train_loss"] == metrics["train_loss"]  # not NaN
+    image = scenes / json.loads((scenes / "test.jsonl").read_text().splitlines()[0])["image"]
+    capsys.readouterr()
+    figure = tmp_path / "words.png"
+    assert main(["predict", "--checkpoint", str(out), "--image", str(image), "--json", "--attention-map",
+                 str(figure)]) == 0
+    prediction = json.loads(capsys.readouterr().out.splitlines()[0])["prediction"]
+    texts, _ = model.generate(load_image(image, model.config.image_size)[None])
+    assert isinstance(prediction, str) and prediction == texts[0]
+    assert figure.stat().st_size > 1000  # the gated blocks' attention, one panel per word
+
+    data = make_tiny_dataset(tmp_path / "tiny")
+    assert main(["train", "--task", "vqa-generate", "--data", str(data), "--out", str(tmp_path / "vqa"), "--lm",
+                 f"hf:{lm}", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "vqa"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_examples"] == 24
+    assert main(["predict", "--checkpoint", str(tmp_path / "vqa"), "--image", str(data / "images/0000.png"),
+                 "--question", "what shape is it?"]) == 0
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(data), "--out", str(tmp_path / "x"), "--lm", f"hf:{lm}", *TINY])
+    assert "--lm: not a setting of the vqa task's model" in capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""Tiny random-weight Hugging Face models, saved to a folder: vision models with their image processor
-settings, and a text encoder with its tokenizer.
+"""Tiny random-weight Hugging Face models, saved with their image processor or tokenizer to a folder:
+vision models, a text encoder and a causal language model.
 
 The real loading code (``from_pretrained(folder, local_files_only=True)``) then runs on models the tests
 make; nothing is downloaded. Each ``save_*`` returns the folder.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TINY", "save_bert", "save_clip_vision", "save_convnext", "save_dinov2", "save_vit"]
+__all__ = ["TINY", "save_bert", "save_clip_vision", "save_convnext", "save_dinov2", "save_gpt2", "save_vit"]
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "color", "shape", "is", "the", "there", "a", "red",
          "circle", "?"]
@@ -29,6 +29,7 @@ def save_bert(folder: str | Path, seed: int = 0) -> Path:
     config = transformers.BertConfig(vocab_size=len(WORDS), max_position_embeddings=64, **TINY)
     transformers.BertModel(config).save_pretrained(folder)
     return folder
+
 
 TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
 
@@ -70,4 +71,23 @@ def save_convnext(folder: str | Path) -> Path:
     config = transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)
     transformers.ConvNextModel(config).save_pretrained(folder)
     transformers.ConvNextImageProcessorPil(size={"shortest_edge": 32}, crop_pct=0.875).save_pretrained(folder)
+    return Path(folder)
+
+
+def save_gpt2(folder: str | Path, words: list[str], seed: int = 0) -> Path:
+    """A 2-layer GPT-2 (width 32) with a word-level tokenizer over ``words`` (split on spaces and punctuation),
+    ``<|endoftext|>`` as its bos and eos token, like GPT-2's."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(["<|endoftext|>", "<unk>", *words]))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>",
+                                                     eos_token="<|endoftext|>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                     bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
     return Path(folder)

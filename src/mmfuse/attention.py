@@ -194,8 +194,12 @@ def _math(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dr
     if keep is not None:
         # Adding a (B, 1, 1, Nk) bias of 0 / -inf in place costs less than a masked_fill copy of the scores.
         scores.add_(torch.zeros(keep.shape, dtype=scores.dtype, device=scores.device).masked_fill_(~keep, -math.inf))
-    # Softmax in at least float32: under bf16 autocast the row sums would otherwise drift.
-    weights = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
+    # Softmax in at least float32: under bf16 autocast the row sums would otherwise drift. (Asking fp32 of an
+    # fp32 softmax still copies the scores: one op more per call, which cached decoding pays at every step.)
+    if scores.dtype in (torch.float32, torch.float64):
+        weights = scores.softmax(dim=-1)
+    else:
+        weights = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
     probs = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     out = torch.matmul(probs, v)  # (B, H, Nq, D)
     if row_empty is not None:
@@ -297,10 +301,14 @@ class _ZeroPadded(torch.autograd.Function):
 
 def attend(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None,
            dropout_p: float = 0.0, need_weights: bool = False, impl: str = "auto",
-           scale: float | None = None, causal: bool = False, **options) -> tuple[Tensor, Tensor | None]:
+           scale: float | None = None, causal: bool = False, padding_zeroed: bool = False,
+           **options) -> tuple[Tensor, Tensor | None]:
     """Multi-head attention of ``q`` over ``k``/``v``; see the module docstring for shapes.
 
     ``causal``: query i sees keys ``j <= i + Nk - Nq`` only (see the module docstring).
+
+    ``padding_zeroed``: ``k`` and ``v`` already hold zeros at the padded keys (a static :class:`KVCache`
+    zeroes them once when it is filled), so the selection that replaces them is skipped.
 
     ``dropout_p`` is applied to the attention probabilities as given: pass 0 outside training.
     ``options`` go to the chosen implementation (window sizes, projections...).
@@ -331,7 +339,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None =
         # Padded keys and values become zeros by selection, once, here: whatever they held (NaN, Inf)
         # then reaches no score and no sum, and every implementation may keep masking by arithmetic
         # (a -inf bias, a 0 weight), which is exact on finite values but not on NaN (0 * NaN = NaN).
-        k, v = _zero_padded(k, v, key_padding_mask[:, None, :, None])
+        if not padding_zeroed:
+            k, v = _zero_padded(k, v, key_padding_mask[:, None, :, None])
         # Empty samples attend everywhere (no -inf rows, no NaN) and get their outputs zeroed after.
         # Done for every masked call rather than after testing whether any sample is empty: reading
         # that answer back would make the host wait for the device on every call.
@@ -479,12 +488,14 @@ class Attention(nn.Module):
             nn.init.normal_(self.proj_v, std=std)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None,
-                need_weights: bool = False, causal: bool = False) -> tuple[Tensor, Tensor | None]:
+                need_weights: bool = False, causal: bool = False,
+                padding_zeroed: bool = False) -> tuple[Tensor, Tensor | None]:
         options = dict(self.options)
         if self.proj_k is not None:
             options.update(proj_k=self.proj_k, proj_v=self.proj_v)
         return attend(q, k, v, key_padding_mask=key_padding_mask, need_weights=need_weights, causal=causal,
-                      impl=self.impl, dropout_p=self.dropout if self.training else 0.0, **options)
+                      impl=self.impl, dropout_p=self.dropout if self.training else 0.0,
+                      padding_zeroed=padding_zeroed, **options)
 
     def extra_repr(self) -> str:
         extra = "".join(f", {name}={value}" for name, value in self.options.items())
@@ -498,34 +509,81 @@ class KVCache:
 
     ``update(k, v)`` appends the new tokens' keys and values and returns all of them. A ``static`` cache
     (cross-attention over a fixed context) is filled once; later calls reuse it (``full``) and skip the
-    context's projections. ``reorder(index)`` keeps rows ``index`` (beam search).
+    context's projections. Given the context's ``key_padding_mask`` (B, N), a static cache stores zeros at
+    the padded keys, so that :func:`attend` need not select them away again at every step
+    (``padding_zeroed=True``). ``reorder(index)`` keeps rows ``index`` (beam search).
+
+    A growing cache writes into a preallocated buffer of ``capacity`` positions (doubled when a sequence
+    outgrows it; a decoder passes its ``max_length``) and returns views of its first N positions, so a step
+    copies only its own new keys and values, not the whole cache as a ``torch.cat`` would. With autograd
+    recording (keys that require grad) it concatenates instead: an in-place write would invalidate the
+    views earlier steps saved for backward.
     """
 
-    def __init__(self, *, static: bool = False) -> None:
+    def __init__(self, *, static: bool = False, capacity: int | None = None) -> None:
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"capacity must be >= 1 (positions), got {capacity}")
         self.static = static
-        self.k: Tensor | None = None
-        self.v: Tensor | None = None
+        self.capacity = capacity
+        self._k: Tensor | None = None  # (B, H, capacity, D) buffers; positions >= length are unused
+        self._v: Tensor | None = None
+        self.length = 0
+
+    @property
+    def k(self) -> Tensor | None:
+        return None if self._k is None else self._k[:, :, :self.length]  # (B, H, N, D)
+
+    @property
+    def v(self) -> Tensor | None:
+        return None if self._v is None else self._v[:, :, :self.length]
 
     @property
     def full(self) -> bool:
         """Whether a static cache already holds its context."""
-        return self.static and self.k is not None
+        return self.static and self._k is not None
 
     def __len__(self) -> int:
-        return 0 if self.k is None else int(self.k.shape[2])
+        return self.length
 
-    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self.k is None or self.static:
-            # contiguous (B, H, N, D): each step's q k^T then reads the cache in place, where a transposed
-            # projection would be copied whole by every matmul
-            self.k, self.v = k.contiguous(), v.contiguous()
+    def update(self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        n = k.shape[2]
+        if key_padding_mask is not None:
+            if not self.static:
+                raise ValueError("a growing KVCache takes no key_padding_mask (it would have to cover the cached keys)")
+            k, v = _zero_padded(k, v, key_padding_mask[:, None, :, None])
+        if self.static or self._k is None or self._v is None:
+            if self.static or k.requires_grad or v.requires_grad:
+                # contiguous (B, H, N, D): each step's q k^T then reads the cache in place, where a transposed
+                # projection would be copied whole by every matmul
+                self._k, self._v = k.contiguous(), v.contiguous()
+            else:
+                self._k, self._v = self._allocate(k, n), self._allocate(v, n)
+                self._k[:, :, :n], self._v[:, :, :n] = k, v
+            self.length = n
+            return self.k, self.v
+        end = self.length + n
+        if k.requires_grad or v.requires_grad or self._k.requires_grad:
+            self._k, self._v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)  # (B, H, N + n, D)
         else:
-            self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)  # (B, H, N + n, D)
+            if end > self._k.shape[2]:
+                self._k, self._v = self._grow(self._k, end), self._grow(self._v, end)
+            self._k[:, :, self.length:end], self._v[:, :, self.length:end] = k, v
+        self.length = end
         return self.k, self.v
 
+    def _allocate(self, x: Tensor, n: int) -> Tensor:
+        B, H, _, D = x.shape
+        positions = max(n, self.capacity or 0, 16)
+        return x.new_empty(B, H, positions, D)
+
+    def _grow(self, buffer: Tensor, needed: int) -> Tensor:
+        bigger = self._allocate(buffer, max(needed, 2 * buffer.shape[2]))
+        bigger[:, :, :self.length] = buffer[:, :, :self.length]
+        return bigger
+
     def reorder(self, index: Tensor) -> None:
-        if self.k is not None and self.v is not None:
-            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+        if self._k is not None and self._v is not None:
+            self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
 
 
 def flops(batch: int, heads: int, nq: int, nk: int, head_dim: int) -> int:

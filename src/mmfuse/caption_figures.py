@@ -43,15 +43,14 @@ def plot_word_attention(model: Any, image: Tensor, tokens: Sequence[int], attent
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mmfuse.models.captioner import EOS, PAD
-
+    tokenizer = model.tokenizer
     tokens = [int(t) for t in tokens]
-    if PAD in tokens:
-        tokens = tokens[:tokens.index(PAD)]
+    if tokenizer.eos_id in tokens:  # the words up to <eos>, which is drawn too; padding after it is not
+        tokens = tokens[:tokens.index(tokenizer.eos_id) + 1]
     grids = word_attention_grids(model, attention.float())[:len(tokens)]  # (T, h, w)
     size = image.shape[-1]
     maps = F.interpolate(grids[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-    words = ["<eos>" if t == EOS else model.tokenizer.vocab[t] for t in tokens]
+    words = ["<eos>" if t == tokenizer.eos_id else tokenizer.token(t) for t in tokens]
     panels = 1 + len(words)
     cols = min(columns, panels)
     rows = math.ceil(panels / cols)

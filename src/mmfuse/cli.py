@@ -166,6 +166,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help='extra arguments of the fusion, e.g. \'{"image_depth": 0}\' (replaces a preset\'s)')
     g.add_argument("--resize", choices=["squash", "pad", "crop"],
                    help=f"non-square images: stretch, letterbox on black, or centre-crop {d('resize')}")
+    g = p.add_argument_group("caption decoder (--task caption, vqa-generate)")
+    g.add_argument("--lm", type=_encoder_choice(), metavar="hf:PATH",
+                   help="decode with this local Hugging Face causal LM (GPT-2 style), frozen, with gated "
+                        "cross-attention over the image (default: the task's own small decoder)")
+    g.add_argument("--lm-every", type=int,
+                   help="with --lm: a gated cross-attention block after every N-th LM layer (default: 2)")
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -184,7 +190,7 @@ def _encoder_choice(*names: str) -> Any:
     def parse(value: str) -> str:
         if value in names or (value.startswith("hf:") and len(value) > 3):
             return value
-        raise argparse.ArgumentTypeError(f"invalid choice {value!r} (choose from {', '.join(names)}, hf:PATH)")
+        raise argparse.ArgumentTypeError(f"invalid choice {value!r} (choose from {', '.join((*names, 'hf:PATH'))})")
 
     return parse
 

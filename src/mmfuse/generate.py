@@ -76,13 +76,15 @@ def generate(model: Any, context: Tensor, context_mask: Tensor | None = None, *,
                      length_penalty=length_penalty, use_cache=use_cache, need_weights=need_weights, eos=eos,
                      bos=bos, pad=pad)
     B = context.shape[0]
-    ids = torch.full((B, 1), bos, dtype=torch.long, device=context.device)
+    ids = torch.full((B, 1 + max_new_tokens), pad, dtype=torch.long, device=context.device)  # filled as we go
+    ids[:, 0] = bos
     cache = model.new_cache() if use_cache else None
     finished = torch.zeros(B, dtype=torch.bool, device=context.device)
     scores = torch.zeros(B, device=context.device)
     attention = []
-    for _ in range(max_new_tokens):
-        logits, weights = model.decode(ids[:, -1:] if cache is not None else ids, context, context_mask,
+    t = 0
+    for t in range(1, max_new_tokens + 1):
+        logits, weights = model.decode(ids[:, t - 1:t] if cache is not None else ids[:, :t], context, context_mask,
                                        cache=cache, need_weights=need_weights)
         logits = logits[:, -1].float()  # (B, V)
         if strategy == "greedy":
@@ -92,14 +94,14 @@ def generate(model: Any, context: Tensor, context_mask: Tensor | None = None, *,
             token = torch.multinomial(probs, 1, generator=generator)[:, 0]
         token = token.masked_fill(finished, pad)
         scores += logits.log_softmax(dim=-1).gather(1, token[:, None])[:, 0].masked_fill(finished, 0.0)
-        ids = torch.cat([ids, token[:, None]], dim=1)
+        ids[:, t] = token
         if weights is not None:
             attention.append(weights[:, -1])  # (B, N)
         if eos is not None:
             finished |= token == eos
-            if bool(finished.all()):
+            if bool(finished.all()):  # the one read-back of a step; eos=None never waits
                 break
-    return Generated(ids[:, 1:], scores, torch.stack(attention, dim=1) if attention else None)
+    return Generated(ids[:, 1:t + 1], scores, torch.stack(attention, dim=1) if attention else None)
 
 
 def _beam(model: Any, context: Tensor, context_mask: Tensor | None, *, max_new_tokens: int, num_beams: int,

@@ -155,3 +155,13 @@ def test_config_errors():
         CaptionerConfig(vocab_size=2)
     with pytest.raises(ValueError, match="divisible"):
         CaptionerConfig(vocab_size=10, dim=30, num_heads=4)
+
+
+def test_decode_checks_the_context_once_at_its_entry():
+    model = tiny_model()
+    ids = torch.full((2, 1), BOS)
+    with pytest.raises(ValueError, match=r"context must have shape \(2, N, 32\), got \(2, 5, 31\)"):
+        model.decode(ids, torch.randn(2, 5, 31))
+    with pytest.raises(ValueError, match="context_mask"):
+        model.decode(ids, torch.randn(2, 5, 32), torch.ones(2, 4, dtype=torch.bool))
+    assert not any(block.validate_inputs for block in model.blocks)  # the blocks trust what decode checked

@@ -11,20 +11,39 @@ import itertools
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CLS", "PAD", "SPECIAL_TOKENS", "UNK", "WordTokenizer"]
+__all__ = ["CLS", "PAD", "SPECIAL_TOKENS", "UNK", "WordTokenizer", "decoder_rows"]
 
 logger = logging.getLogger(__name__)
 
 PAD, UNK, CLS = 0, 1, 2
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<cls>")
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")  # runs of word characters, or one punctuation mark each
+
+
+def decoder_rows(texts: Sequence[str], tokens: Callable[[str], Iterable[int]], *, bos: int, eos: int, pad: int,
+                 max_length: int) -> Tensor:
+    """``(N, L)`` int64 rows of a text decoder: ``bos``, ``tokens(text)``, ``eos``, then ``pad``; L <= ``max_length``.
+
+    Raises ``ValueError`` naming the text when one does not fit (a truncated text would teach the decoder to
+    stop early)."""
+    rows = []
+    for text in texts:
+        row = [bos, *tokens(text), eos]
+        if len(row) > max_length:
+            raise ValueError(f"text {text!r} has {len(row)} tokens with <bos>/<eos>, more than max_length="
+                             f"{max_length}; raise the model's max_length")
+        rows.append(row)
+    ids = np.full((len(rows), max(map(len, rows), default=2)), pad, dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = row
+    return torch.from_numpy(ids)
 
 
 class WordTokenizer:

@@ -103,19 +103,21 @@ class CrossAttention(nn.Module):
         I, Nk, _ = context.shape
         H, Dh = self.num_heads, self.head_dim
 
+        if context_index is not None and context_mask is not None:
+            context_mask = context_mask[context_index]  # (B, Nk)
         q = self.q_proj(x).view(B, Nq, H, Dh).transpose(1, 2)  # (B, H, Nq, Dh)
+        static = cache is not None and cache.static
         if cache is not None and cache.full:
-            k, v = cache.k, cache.v  # the context was projected at the first step
+            k, v = cache.k, cache.v  # the context was projected (and its padding zeroed) at the first step
         else:
             k = self.k_proj(context).view(I, Nk, H, Dh).transpose(1, 2)  # (I, H, Nk, Dh)
             v = self.v_proj(context).view(I, Nk, H, Dh).transpose(1, 2)  # (I, H, Nk, Dh)
             if context_index is not None:
                 k, v = gather_rows(k, context_index), gather_rows(v, context_index)  # (B, H, Nk, Dh)
             if cache is not None:
-                k, v = cache.update(k, v)  # (B, H, N cached + Nk, Dh)
-        if context_index is not None and context_mask is not None:
-            context_mask = context_mask[context_index]  # (B, Nk)
-        out, weights = self.attn(q, k, v, key_padding_mask=context_mask, need_weights=need_weights, causal=causal)
+                k, v = cache.update(k, v, context_mask if static else None)  # (B, H, N cached + Nk, Dh)
+        out, weights = self.attn(q, k, v, key_padding_mask=context_mask, need_weights=need_weights, causal=causal,
+                                 padding_zeroed=static)
         out = self.out_proj(out.transpose(1, 2).reshape(B, Nq, self.dim))  # (B, Nq, out_dim)
         if context_mask is not None:
             out = out.masked_fill(~context_mask.any(dim=1)[:, None, None], 0.0)

@@ -17,6 +17,10 @@ image tokens in the context, so the decoder conditions on both while it writes t
 
 The tokenizer (words of the training captions, plus ``<bos>`` / ``<eos>``) is saved with the model in
 ``tokenizer.json``; decoding strategies are in :mod:`mmfuse.generate`.
+
+With ``lm`` (a local Hugging Face causal LM folder) the decoder is that frozen LM instead, with gated
+cross-attention blocks over the same context after every ``lm_every``-th of its layers (Flamingo,
+:class:`~mmfuse.models.gated_lm.GatedLM`); the tokenizer is then the LM's own, saved in ``lm_tokenizer/``.
 """
 
 from __future__ import annotations
@@ -30,18 +34,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mmfuse.attention import KVCache
 from mmfuse.data.vocab import WordTokenizer
 from mmfuse.encoders.text import TransformerTextEncoder
+from mmfuse.encoders.tokenizer import decoder_rows
 from mmfuse.encoders.vision import ConvEncoder
 from mmfuse.io import CheckpointError, atomic_write_text, dataclass_from_dict, read_json
 from mmfuse.layers import AttentionBlock, AttentionPooling
-from mmfuse.layers.common import gather_rows
+from mmfuse.layers.common import check_mask, check_tokens, gather_rows, trust_inputs, zero_padding
 from mmfuse.models.base import PretrainedModel
+from mmfuse.models.gated_lm import GatedLM, LMCache, LMTokenizer
 from mmfuse.models.vqa import normalize_images
 
 __all__ = ["BOS", "EOS", "PAD", "AnswerGenerator", "CaptionTokenizer", "Captioner", "CaptionerConfig", "DecoderCache"]
@@ -50,12 +55,15 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3
 _SPECIAL = ("<pad>", "<unk>", "<bos>", "<eos>")
 _MODEL_TYPE = "captioner"
 TOKENIZER_NAME = "tokenizer.json"
+LM_TOKENIZER_DIR = "lm_tokenizer"
 _NO_SPACE_BEFORE = re.compile(r" ([,.;:!?')])")
 
 
 class CaptionTokenizer:
     """Words and punctuation (:meth:`WordTokenizer.tokenize`) with ``<pad>`` 0, ``<unk>`` 1, ``<bos>`` 2,
     ``<eos>`` 3. ``encode`` gives ``<bos> words <eos>`` rows, right-padded; ``decode`` stops at ``<eos>``."""
+
+    bos_id, eos_id, pad_id = BOS, EOS, PAD
 
     def __init__(self, vocab: Sequence[str]) -> None:
         vocab = list(vocab)
@@ -75,17 +83,8 @@ class CaptionTokenizer:
 
         Raises ``ValueError`` naming the text when one does not fit (a truncated caption would teach the
         decoder to stop early)."""
-        rows = []
-        for text in texts:
-            row = [BOS, *(self._ids.get(t, UNK) for t in WordTokenizer.tokenize(text)), EOS]
-            if len(row) > max_length:
-                raise ValueError(f"text {text!r} has {len(row)} tokens with <bos>/<eos>, more than max_length="
-                                 f"{max_length}; raise the model's max_length")
-            rows.append(row)
-        ids = np.full((len(rows), max(map(len, rows), default=2)), PAD, dtype=np.int64)
-        for i, row in enumerate(rows):
-            ids[i, :len(row)] = row
-        return torch.from_numpy(ids)
+        return decoder_rows(texts, lambda text: (self._ids.get(t, UNK) for t in WordTokenizer.tokenize(text)),
+                            bos=BOS, eos=EOS, pad=PAD, max_length=max_length)
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of one row of generated ids (without ``<bos>``), up to its first ``<eos>``."""
@@ -97,6 +96,10 @@ class CaptionTokenizer:
             if i not in (PAD, BOS):
                 words.append(self.vocab[i] if 0 <= i < len(self.vocab) else "<unk>")
         return _NO_SPACE_BEFORE.sub(r"\1", " ".join(words))
+
+    def token(self, i: int) -> str:
+        """How token ``i`` reads on its own (figure titles)."""
+        return self.vocab[i]
 
     def __len__(self) -> int:
         return len(self.vocab)
@@ -115,7 +118,7 @@ class CaptionTokenizer:
 class CaptionerConfig:
     """Everything needed to rebuild a :class:`Captioner` (saved as ``config.json``)."""
 
-    vocab_size: int = 0  # the caption tokenizer's size (set from the training split)
+    vocab_size: int = 0  # the caption tokenizer's size (set from the training split), or the LM's
     image_size: int = 64
     cnn_stages: list[list[int]] = field(default_factory=lambda: [[16], [32], [64]])
     batch_norm: bool = True
@@ -132,8 +135,15 @@ class CaptionerConfig:
     max_question_length: int = 32
     decoding: Literal["greedy", "beam"] = "greedy"  # what evaluate and predict use
     num_beams: int = 3
+    lm: str | None = None  # a Hugging Face causal LM folder ("hf:PATH" or PATH): the frozen decoder (no own one)
+    lm_every: int = 2  # with lm: a gated cross-attention block after every lm_every-th LM layer
 
     def __post_init__(self) -> None:
+        if self.lm is not None and self.lm.startswith("hf:"):  # one spelling in saved configs: the folder
+            self.lm = self.lm[3:]
+        if self.lm == "" or self.lm_every < 1:
+            raise ValueError(f"lm must name a Hugging Face model folder (hf:PATH) and lm_every be >= 1, got "
+                             f"{self.lm!r}, {self.lm_every}")
         if self.vocab_size <= len(_SPECIAL):
             raise ValueError(f"vocab_size must exceed {len(_SPECIAL)} (the special tokens), got {self.vocab_size}")
         if self.dim % self.num_heads:
@@ -157,19 +167,22 @@ class CaptionerConfig:
 
 
 class DecoderCache:
-    """One (self-attention, cross-attention) :class:`KVCache` pair per decoder block."""
+    """One (self-attention, cross-attention) :class:`KVCache` pair per decoder block; the self-attention
+    caches preallocate ``capacity`` positions (the decoder's ``max_length``)."""
 
-    def __init__(self, depth: int) -> None:
-        self.layers = [(KVCache(), KVCache(static=True)) for _ in range(depth)]
+    def __init__(self, depth: int, capacity: int | None = None) -> None:
+        self.layers = [(KVCache(capacity=capacity), KVCache(static=True)) for _ in range(depth)]
 
     def __len__(self) -> int:
         """Tokens decoded so far (the position of the next one)."""
         return len(self.layers[0][0])
 
     def reorder(self, index: Tensor) -> None:
-        for self_cache, cross_cache in self.layers:
+        """Keep rows ``index`` of the self-attention caches (beam search). The cross-attention caches stay:
+        row i keeps attending over context row i, as it does without a cache (the caller reorders no context,
+        and beam search only moves hypotheses among rows that share one)."""
+        for self_cache, _ in self.layers:
             self_cache.reorder(index)
-            cross_cache.reorder(index)
 
 
 class Captioner(PretrainedModel):
@@ -178,10 +191,12 @@ class Captioner(PretrainedModel):
     model_type = _MODEL_TYPE
     config_class = CaptionerConfig
 
-    def __init__(self, config: CaptionerConfig, *, tokenizer: CaptionTokenizer,
+    def __init__(self, config: CaptionerConfig, *, tokenizer: CaptionTokenizer | LMTokenizer,
                  question_tokenizer: WordTokenizer | None = None) -> None:
         super().__init__()
-        if len(tokenizer) != config.vocab_size:
+        if isinstance(tokenizer, LMTokenizer) != (config.lm is not None):
+            raise ValueError("the tokenizer must be the LM's (LMTokenizer) exactly when config.lm is set")
+        if config.lm is None and len(tokenizer) != config.vocab_size:
             raise ValueError(f"config.vocab_size={config.vocab_size} but the tokenizer has {len(tokenizer)} words")
         if (question_tokenizer is None) != (config.question_vocab_size == 0) or (
                 question_tokenizer is not None and len(question_tokenizer) != config.question_vocab_size):
@@ -199,6 +214,14 @@ class Captioner(PretrainedModel):
                                                    num_heads=c.num_heads, max_length=c.max_question_length,
                                                    dropout=c.dropout, impl=c.impl)
             self.type_embed = nn.Parameter(torch.zeros(2, c.dim))  # image / question tokens of the context
+        self.lm: GatedLM | None = None
+        if c.lm is not None:
+            self.lm = GatedLM(c.lm, context_dim=c.dim, every=c.lm_every, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio,
+                              dropout=c.dropout, impl=c.impl, max_length=c.max_length)
+            if self.lm.vocab_size != c.vocab_size:
+                raise ValueError(f"config.vocab_size={c.vocab_size} but the LM in {c.lm} has {self.lm.vocab_size}")
+            self.init_weights()
+            return
         self.embed = nn.Embedding(c.vocab_size, c.dim, padding_idx=PAD)
         self.pos = nn.Parameter(torch.empty(c.max_length, c.dim))
         self.drop = nn.Dropout(c.dropout)
@@ -206,13 +229,15 @@ class Captioner(PretrainedModel):
             AttentionBlock(c.dim, context_dim=c.dim, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio,
                            dropout=c.dropout, impl=c.impl) for _ in range(c.depth))
         self.norm = nn.LayerNorm(c.dim)
+        trust_inputs(*self.blocks)  # decode checks the context once, not in every block at every step
         self.init_weights()
 
     def init_weights(self) -> None:
-        nn.init.trunc_normal_(self.embed.weight, std=0.02)
-        with torch.no_grad():
-            self.embed.weight[PAD].zero_()
-        nn.init.trunc_normal_(self.pos, std=0.02)
+        if self.lm is None:
+            nn.init.trunc_normal_(self.embed.weight, std=0.02)
+            with torch.no_grad():
+                self.embed.weight[PAD].zero_()
+            nn.init.trunc_normal_(self.pos, std=0.02)
         nn.init.xavier_uniform_(self.image_proj.weight)
         nn.init.zeros_(self.image_proj.bias)
 
@@ -257,6 +282,12 @@ class Captioner(PretrainedModel):
         T = ids.shape[1]
         if start + T > self.config.max_length:
             raise ValueError(f"{start + T} decoder positions, more than max_length={self.config.max_length}")
+        if start == 0:  # later steps reuse the context the caches were filled from
+            check_tokens(context, self.config.dim, "context", batch=ids.shape[0], seq="N")
+            check_mask(context_mask, context, "context_mask")
+            context = zero_padding(context, context_mask)
+        if self.lm is not None:
+            return self.lm(ids, context, context_mask, cache=cache, need_weights=need_weights)
         x = self.drop(self.embed(ids) + self.pos[start:start + T])  # (B, T, C)
         weights = []
         for i, block in enumerate(self.blocks):
@@ -274,8 +305,10 @@ class Captioner(PretrainedModel):
         context, context_mask = self.encode(images, question_ids, question_mask, image_index)
         return self.decode(ids, context, context_mask)[0]
 
-    def new_cache(self) -> DecoderCache:
-        return DecoderCache(len(self.blocks))
+    def new_cache(self) -> DecoderCache | LMCache:
+        if self.lm is not None:
+            return self.lm.new_cache()
+        return DecoderCache(len(self.blocks), self.config.max_length)
 
     # ----------------------------------------------------------------------------------------------
     def tokenize_questions(self, questions: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -302,12 +335,19 @@ class Captioner(PretrainedModel):
         if options["strategy"] == "beam":
             options.setdefault("num_beams", self.config.num_beams)
         options.setdefault("max_new_tokens", self.config.max_length - 1)
+        for name in ("bos", "eos", "pad"):
+            options.setdefault(name, getattr(self.tokenizer, f"{name}_id"))
         out = generate(self, context, context_mask, need_weights=need_weights, **options)
         return [self.tokenizer.decode(row) for row in out.tokens.tolist()], out
 
     # ----------------------------------------------------------------------------------------------
     def save_extra(self, directory: Path) -> None:
-        d: dict[str, Any] = {"format": 1, "decoder": self.tokenizer.to_dict()}
+        if isinstance(self.tokenizer, LMTokenizer):  # the LM's files, so the checkpoint holds what it decodes with
+            self.tokenizer.save(directory / LM_TOKENIZER_DIR)
+            decoder = {"type": "hf", "folder": LM_TOKENIZER_DIR}
+        else:
+            decoder = self.tokenizer.to_dict()
+        d: dict[str, Any] = {"format": 1, "decoder": decoder}
         if self.question is not None:
             d["question"] = self.question.tokenizer.to_dict()
         atomic_write_text(directory / TOKENIZER_NAME, json.dumps(d, indent=1) + "\n")
@@ -319,7 +359,8 @@ class Captioner(PretrainedModel):
         path = directory / TOKENIZER_NAME
         try:
             d = read_json(path)
-            tokenizer = CaptionTokenizer.from_dict(d["decoder"])
+            tokenizer = (LMTokenizer.load(directory / d["decoder"]["folder"]) if d["decoder"].get("type") == "hf"
+                         else CaptionTokenizer.from_dict(d["decoder"]))
             question = WordTokenizer.from_dict(d["question"]) if "question" in d else None
         except (OSError, KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: {e}") from e

@@ -12,7 +12,11 @@ Shapes of a batch::
     I  images    B  sequences    T  decoder tokens    Lq  question tokens
 
     images: (I, 3, S, S) uint8   image_index: (B,)   ids: (B, T) ``<bos> ... <eos> <pad>...``
+    lengths: (B,) tokens of each row up to its ``<eos>`` (a Hugging Face LM's tokenizer pads with ``<eos>``)
     question_ids, question_mask: (B, Lq) (vqa-generate only; empty (B, 0) otherwise)   rows: (B,) split rows
+
+With ``lm`` in the model options (``--lm hf:PATH``) the decoder is a frozen Hugging Face causal LM with
+gated cross-attention (:class:`~mmfuse.models.gated_lm.GatedLM`), tokenised with the LM's own tokenizer.
 """
 
 from __future__ import annotations
@@ -32,13 +36,16 @@ from mmfuse.data import ImageStorage, WordTokenizer
 from mmfuse.data import load_split as load_vqa_split
 from mmfuse.data.captions import load_caption_split, normalize_caption
 from mmfuse.device import autocast
+from mmfuse.encoders.hf import resolve_hf_path
 from mmfuse.io import atomic_path
-from mmfuse.models.captioner import PAD, AnswerGenerator, Captioner, CaptionerConfig, CaptionTokenizer
+from mmfuse.models.captioner import AnswerGenerator, Captioner, CaptionerConfig, CaptionTokenizer
+from mmfuse.models.gated_lm import LMTokenizer, lm_vocab_size
 from mmfuse.tasks.base import StepOutput, Task
 
 __all__ = ["CaptionBatch", "CaptionResult", "CaptionTask", "VQAGenerateTask", "caption_scores"]
 
 _EVAL_BATCH = 128  # images generated for at once in evaluation
+_IGNORE = -100  # target of the positions after a row's <eos>, which the loss skips
 
 
 @dataclass
@@ -46,6 +53,7 @@ class CaptionBatch:
     images: Tensor
     image_index: Tensor
     ids: Tensor
+    lengths: Tensor
     question_ids: Tensor
     question_mask: Tensor
     rows: Tensor
@@ -64,9 +72,10 @@ class CaptionBatch:
 class _SequenceBatches:
     """Shuffled batches of ``batch_size`` sequences, each bringing its image once (shared images encoded once)."""
 
-    def __init__(self, images: Tensor, image_of: Tensor, ids: Tensor, question_ids: Tensor, question_mask: Tensor, *,
-                 batch_size: int, shuffle: bool, seed: int, rank: int, world_size: int) -> None:
-        self.images, self.image_of, self.ids = images, image_of, ids
+    def __init__(self, images: Tensor, image_of: Tensor, ids: Tensor, lengths: Tensor, question_ids: Tensor,
+                 question_mask: Tensor, *, batch_size: int, shuffle: bool, seed: int, rank: int,
+                 world_size: int) -> None:
+        self.images, self.image_of, self.ids, self.lengths = images, image_of, ids, lengths
         self.question_ids, self.question_mask = question_ids, question_mask
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
@@ -84,11 +93,11 @@ class _SequenceBatches:
             i = b * self.world_size + self.rank
             rows = torch.from_numpy(order[i * self.batch_size:(i + 1) * self.batch_size].copy())
             images, image_index = torch.unique(self.image_of[rows], return_inverse=True)
-            ids = self.ids[rows]
-            ids = ids[:, :int((ids != PAD).sum(dim=1).max())]  # trim the padding this batch does not need
+            lengths = self.lengths[rows]
+            ids = self.ids[rows][:, :int(lengths.max())]  # trim the padding this batch does not need
             q_mask = self.question_mask[rows]
             width = int(q_mask.sum(dim=1).max()) if q_mask.shape[1] else 0
-            yield CaptionBatch(self.images[images], image_index, ids, self.question_ids[rows][:, :width],
+            yield CaptionBatch(self.images[images], image_index, ids, lengths, self.question_ids[rows][:, :width],
                                q_mask[:, :width], rows)
 
 
@@ -163,10 +172,17 @@ class CaptionTask(Task):
     def build_model(self, options: dict[str, Any], train_split: Any) -> Captioner:
         options = dict(options)
         _, texts, _ = self._texts(train_split)
-        tokenizer = CaptionTokenizer.fit(texts)
+        lm = options.get("lm")
+        if lm is not None:  # the LM's own tokenizer and vocabulary
+            folder = lm[3:] if lm.startswith("hf:") else lm
+            tokenizer: CaptionTokenizer | LMTokenizer = LMTokenizer.load(resolve_hf_path(folder))
+            vocab_size = lm_vocab_size(folder)
+        else:
+            tokenizer = CaptionTokenizer.fit(texts)
+            vocab_size = len(tokenizer)
         questions = self._question_tokenizer(train_split)
         options.setdefault("image_size", train_split.image_size)
-        config = CaptionerConfig(vocab_size=len(tokenizer), question_vocab_size=len(questions) if questions else 0,
+        config = CaptionerConfig(vocab_size=vocab_size, question_vocab_size=len(questions) if questions else 0,
                                  **options)
         return self._model_class(config, tokenizer=tokenizer, question_tokenizer=questions)
 
@@ -177,21 +193,24 @@ class CaptionTask(Task):
                 rank: int = 0, world_size: int = 1) -> _SequenceBatches:
         image_of, texts, questions = self._texts(split)
         ids = model.tokenizer.encode(texts, max_length=model.config.max_length)
+        # through the first <eos> after <bos> (GPT-2's <bos> is its <eos>); every encoded row has one
+        lengths = (ids[:, 1:] == model.tokenizer.eos_id).int().argmax(dim=1) + 2
         if questions is not None:
             q_ids, q_mask = model.tokenize_questions(questions)
         else:
             q_ids, q_mask = torch.zeros(len(texts), 0, dtype=torch.long), torch.zeros(len(texts), 0, dtype=torch.bool)
-        return _SequenceBatches(split.images, image_of, ids, q_ids, q_mask, batch_size=batch_size, shuffle=shuffle,
-                                seed=seed, rank=rank, world_size=world_size)
+        return _SequenceBatches(split.images, image_of, ids, lengths, q_ids, q_mask, batch_size=batch_size,
+                                shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
 
     def step(self, model: nn.Module, batch: CaptionBatch) -> StepOutput:
         questions = (batch.question_ids, batch.question_mask) if batch.question_ids.shape[1] else (None, None)
         logits = model(batch.images, batch.ids[:, :-1], batch.image_index, *questions)  # (B, T-1, V)
         target = batch.ids[:, 1:]
-        loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=PAD,
-                               label_smoothing=self.label_smoothing)
+        scored = torch.arange(target.shape[1], device=target.device) < (batch.lengths - 1)[:, None]  # up to <eos>
+        loss = F.cross_entropy(logits.float().flatten(0, 1), target.masked_fill(~scored, _IGNORE).flatten(),
+                               ignore_index=_IGNORE, label_smoothing=self.label_smoothing)
         # a sequence counts as right when every one of its tokens is (teacher-forced)
-        correct = ((logits.argmax(-1) == target) | (target == PAD)).all(dim=1).sum()
+        correct = ((logits.argmax(-1) == target) | ~scored).all(dim=1).sum()
         return StepOutput(loss, correct, len(batch))
 
     @torch.no_grad()
