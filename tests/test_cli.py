@@ -197,7 +197,7 @@ def test_version_and_help_show_every_flag_with_help_and_defaults(capsys):
             if action.option_strings and action.dest != "help":
                 assert action.help, f"mmfuse {name} {action.option_strings[0]} has no help text"
     text = subparsers["train"].format_help()
-    for expected in ("(default: fusion_transformer)", "(default: 9)", "(default: cosine)", "--precision",
+    for expected in ("(default: fusion_transformer)", "(default: 10)", "(default: cosine)", "--precision",
                      "--device", "--eval-split"):
         assert expected in text, expected
     assert "(default: None)" not in text

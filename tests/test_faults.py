@@ -226,8 +226,8 @@ def _weights_in_memory(path: Path) -> dict[str, torch.Tensor]:
 
 def _reshape_one_tensor(path: Path) -> None:
     weights = _weights_in_memory(path)
-    w = weights["head.2.weight"]  # (A, D)
-    weights["head.2.weight"] = w.t().contiguous()  # (D, A)
+    w = weights["head.4.weight"]  # (A, hidden)
+    weights["head.4.weight"] = w.t().contiguous()  # (hidden, A)
     save_file(weights, str(path))
 
 

@@ -270,7 +270,7 @@ def test_edited_vocab_json_is_refused(saved, tmp_path, edit, message):
 def test_weights_of_another_dtype_or_not_finite_are_refused(saved, tmp_path, change, message):
     run = _copy(saved, tmp_path / "run")
     weights = load_file(str(run / "model.safetensors"))
-    name = "head.2.weight"
+    name = "head.4.weight"
     weights[name] = change(weights[name])
     save_file(weights, str(run / "model.safetensors"), metadata={"model_type": "vqa"})
     with pytest.raises(CheckpointError, match=message):

@@ -155,6 +155,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--depth", type=int, help=f"fusion blocks {d('depth')}")
     g.add_argument("--num-heads", type=int, help=f"attention heads {d('num_heads')}")
     g.add_argument("--dropout", type=float, help=f"dropout probability {d('dropout')}")
+    g.add_argument("--head-hidden", type=int,
+                   help=f"hidden units of the answer head's MLP, 0: a linear head {d('head_hidden')}")
     g.add_argument("--impl", choices=list(IMPLS), help=f"attention implementation {d('impl')}")
     g.add_argument("--window", type=int, help="--impl local: keys each query sees (required with local)")
     g.add_argument("--num-global", type=int, help="--impl local: leading tokens every query sees (default: 0)")

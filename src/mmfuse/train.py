@@ -64,7 +64,7 @@ class TrainConfig:
     task: str = "vqa"
     data: str = EASY_VQA
     out: str = "runs/latest"
-    epochs: int = 9
+    epochs: int = 10
     images_per_batch: int = 32
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 3e-3

@@ -102,7 +102,9 @@ class VQAConfig:
     block_q: int | None = None  # chunked, local
     block_k: int | None = None  # chunked, local
     rank: int | None = None  # lowrank
-    head_hidden: int = 0  # > 0: an MLP answer head with this many hidden units
+    # > 0: an MLP answer head with this many hidden units. With a linear head (0) the default easy-VQA run
+    # answered "is there a <shape>?" from the prior on two seeds of three (95.5-96.3%); with 128, 99.9%.
+    head_hidden: int = 128
     fusion_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
