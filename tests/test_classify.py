@@ -165,6 +165,19 @@ def test_cli_ablate_classify_with_the_seed_recipe(image_data, tmp_path, capsys):
     assert json.loads((out / "vgg16-xattn-8h" / "config.json").read_text())["num_heads"] == 8
 
 
+def test_train_and_ablate_start_from_the_task_recipe(text_data, tmp_path):
+    lr = tasks.create("classify").train_defaults["lr"]
+    assert lr != TrainConfig.__dataclass_fields__["lr"].default  # the classify task's own learning rate
+    assert main(["train", "--task", "classify", "--data", str(text_data), "--out", str(tmp_path / "r"),
+                 "--epochs", "1", *FLAGS]) == 0
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["lr"] == lr
+    assert main(["ablate", "--task", "classify", "--data", str(text_data), "--variants", "vgg16-xattn-mlp",
+                 "--epochs", "1", "--width", "0.125", "--image-size", "32", "--threads", "1",
+                 "--out", str(tmp_path / "abl"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "abl" / "vgg16-xattn-mlp" / "run.json").read_text())["lr"] == lr
+    assert json.loads((tmp_path / "abl" / "vgg16-xattn-mlp" / "config.json").read_text())["mlp_ratio"] == 4.0
+
+
 def test_train_recipe_is_overridden_by_flags(text_data, tmp_path):
     out = tmp_path / "r"
     assert main(["train", "--task", "classify", "--data", str(text_data), "--out", str(out), "--epochs", "1",

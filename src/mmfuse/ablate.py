@@ -160,12 +160,15 @@ CLASSIFY_VARIANTS: dict[str, dict[str, Any]] = {
     "vgg16-multilevel": {"backbone": "vgg16", "num_heads": 1, "levels": (2, 3, 4, 5)},
     "vgg16-multilevel-gate": {"backbone": "vgg16", "num_heads": 1, "levels": (2, 3, 4, 5), "residual": "gate"},
     "vgg16-xattn-gate": {"backbone": "vgg16", "num_heads": 1, "levels": (5,), "residual": "gate"},
+    "vgg16-xattn-mlp": {"backbone": "vgg16", "num_heads": 1, "levels": (5,), "mlp_ratio": 4.0},
+    "vgg16-multilevel-mlp": {"backbone": "vgg16", "num_heads": 1, "levels": (2, 3, 4, 5), "mlp_ratio": 4.0},
     "vgg11": {"backbone": "vgg11", "context": "none"},
     "vgg11-xattn": {"backbone": "vgg11", "num_heads": 1, "levels": (5,)},
     "resnet18": {"backbone": "resnet18", "context": "none"},
     "resnet50": {"backbone": "resnet50", "context": "none"},
 }
-DEFAULT_CLASSIFY_VARIANTS = ["vgg16", "vgg16-xattn", "vgg16-xattn-8h", "vgg16-multilevel", "resnet18"]
+DEFAULT_CLASSIFY_VARIANTS = ["vgg16", "vgg16-xattn", "vgg16-xattn-8h", "vgg16-xattn-mlp", "vgg16-multilevel",
+                             "resnet18"]
 CLASSIFY_COLUMNS = ["variant", "accuracy", "params", "seconds_per_epoch", "train_images_per_second",
                     "inference_images_per_second"]
 

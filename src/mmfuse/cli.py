@@ -233,6 +233,9 @@ def _add_classify_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--residual", choices=["norm", "gate"],
                    help=f"how each level's attention joins the map: post-LayerNorm, or a tanh gate from 0 "
                         f"{d('residual')}")
+    g.add_argument("--mlp-ratio", type=float,
+                   help=f"> 0: a position-wise MLP (this many x channels wide) after each level's attention "
+                        f"{d('mlp_ratio')}")
 
 
 def _model_fields() -> set[str]:
@@ -386,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vqa: compare fusions; classify: compare classifier variants (--variants)")
     p.add_argument("--fusions", help="comma-separated fusion names (default: a representative set)")
     p.add_argument("--variants", help="--task classify: comma-separated variants (default: vgg16, vgg16-xattn, "
-                   "vgg16-xattn-8h, vgg16-multilevel, resnet18)")
+                   "vgg16-xattn-8h, vgg16-xattn-mlp, vgg16-multilevel, resnet18)")
     p.add_argument("--preset", "--recipe", dest="preset", choices=sorted(PRESETS),
                    help="a named recipe of training settings (see mmfuse train --help)")
     p.add_argument("--width", type=float, help="--task classify: backbone channel multiplier (default: 1.0)")
@@ -700,7 +703,10 @@ def _ablate_classify(args: argparse.Namespace) -> int:
     if unknown:
         raise UsageError(f"unknown variant(s) {unknown}; choose from {list(CLASSIFY_VARIANTS)}")
     given = {k: getattr(args, k) for k in ("images_per_batch", "lr", "threads") if getattr(args, k) is not None}
+    from mmfuse import tasks
+
     base: dict[str, Any] = {"device": args.device, **({"precision": args.precision} if args.precision else {}),
+                            **tasks.create("classify").train_defaults,
                             **(apply_preset(args.preset, given, {})[0] if args.preset else given),
                             **_storage_options(args)}
     base["model"] = {k: getattr(args, k) for k in ("width", "image_size") if getattr(args, k) is not None}

@@ -223,3 +223,25 @@ def test_gated_levels_start_as_the_identity_and_open():
             g.fill_(0.5)
     assert not torch.allclose(model(images, context, context_mask=mask),
                               model(images, context.flip(0), context_mask=mask.flip(0)))
+
+
+@pytest.mark.parametrize("residual", ["norm", "gate"])
+def test_mlp_after_attention_trains_and_a_gated_one_starts_as_the_identity(residual):
+    torch.manual_seed(0)
+    model = VGGCrossAttention(3, context_dim=CTX, levels=(4, 5), residual=residual, mlp_ratio=2.0, **SMALL)
+    level = model.cross_attention["5"]
+    assert level.mlp.fc1.out_features == 2 * 64 and level.norm2 is not None
+    assert (level.gate2 is not None) == (residual == "gate")
+    context, mask = _context()
+    images = torch.randn(B, 3, 64, 64)
+    model(images, context, context_mask=mask).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    if residual == "gate":  # both gates at 0: with or without the MLP the level passes the map through
+        model.eval()
+        plain = VGGCrossAttention(3, levels=(4, 5), **SMALL).eval()
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("cross_attention")})
+        torch.testing.assert_close(model(images, context, context_mask=mask), plain(images))
+    assert VGGCrossAttentionConfig(4, mlp_ratio=4.0).to_dict()["mlp_ratio"] == 4.0
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        VGGCrossAttentionConfig(4, mlp_ratio=-1.0)

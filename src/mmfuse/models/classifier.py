@@ -55,7 +55,8 @@ class ImageClassifierConfig:
     ``context`` must be "none"). ``width`` multiplies every backbone channel count; ``batch_norm`` applies
     to VGG (ResNet always has it). ``context_dim`` is the width of the context tokens, ``context_depth``
     the text encoder's blocks; ``vocab_size`` and ``num_classes`` come from the training data.
-    ``head``, ``residual``: see :class:`~mmfuse.models.vgg.VGGCrossAttentionConfig` (ResNet always averages).
+    ``head``, ``residual``, ``mlp_ratio``: see :class:`~mmfuse.models.vgg.VGGCrossAttentionConfig` (ResNet
+    always averages).
     ``dropout`` (the head's) defaults to 0.1, not VGG's 0.5: VGG drops half of 4096 hidden units, but a
     CPU-sized VGG (width 0.125: 64 hidden units) with 0.5 could not even fit one batch of 64 examples
     in 40 AdamW steps (loss stayed at ln 4), where with 0 it reached 69% of them.
@@ -74,6 +75,7 @@ class ImageClassifierConfig:
     levels: tuple[int, ...] = (5,)
     head: Literal["mean", "flatten"] = "flatten"
     residual: Literal["norm", "gate"] = "norm"
+    mlp_ratio: float = 0.0
     dropout: float = 0.1
     attn_dropout: float = 0.1
     impl: Literal["auto", "math", "chunked", "local", "lowrank"] = "auto"
@@ -151,7 +153,7 @@ class ImageClassifier(PretrainedModel):
                 context_dim=None if cfg.context == "none" else cfg.context_dim, num_heads=cfg.num_heads,
                 levels=cfg.levels, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout, impl=cfg.impl,
                 image_size=cfg.image_size, hidden_dim=cfg.hidden_dim, head=cfg.head,
-                residual=cfg.residual)
+                residual=cfg.residual, mlp_ratio=cfg.mlp_ratio)
         else:
             self.resnet = ResNet(int(cfg.backbone[6:]), width=cfg.width, image_size=cfg.image_size)
             self.fc = nn.Linear(self.resnet.out_dim, cfg.num_classes)  # ResNet's head: average pool, one linear

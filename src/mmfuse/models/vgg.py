@@ -40,7 +40,7 @@ from mmfuse.attention import IMPLS, AttentionConfig
 from mmfuse.encoders.vgg import VGG
 from mmfuse.encoders.vision import PositionalEmbedding2d, feature_map_to_tokens, tokens_to_feature_map
 from mmfuse.io import dataclass_from_dict
-from mmfuse.layers.common import check_mask, check_tokens, init_linear, trust_inputs
+from mmfuse.layers.common import FeedForward, check_mask, check_tokens, init_linear, trust_inputs
 from mmfuse.layers.cross_attention import CrossAttention
 from mmfuse.models.base import PretrainedModel
 
@@ -63,6 +63,8 @@ class VGGCrossAttentionConfig:
     cross-attention level (:attr:`attention`); ``lowrank`` needs ``max_context_tokens``, the longest
     context, which the model cannot know from its own inputs.
     ``residual``: how each level's attention joins the map (see :class:`_LevelCrossAttention`).
+    ``mlp_ratio``: > 0 adds a position-wise MLP (``mlp_ratio`` x channels hidden units) after each level's
+    attention, joined the same way: a transformer block instead of the seeds' attention-only level.
     ``head``: ``"mean"`` averages the last map over positions before the MLP; ``"flatten"`` feeds the MLP
     the whole map, flattened (VGG's own classifier: it keeps which feature is where, so it can combine
     what the attention marked at one position with what the map holds there). The flattened map is
@@ -89,6 +91,7 @@ class VGGCrossAttentionConfig:
     max_context_tokens: int | None = None
     head: Literal["mean", "flatten"] = "mean"
     residual: Literal["norm", "gate"] = "norm"
+    mlp_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         self.levels = tuple(self.levels)
@@ -123,6 +126,8 @@ class VGGCrossAttentionConfig:
             raise ValueError(f"residual must be 'norm' or 'gate', got {self.residual!r}")
         if self.head not in ("mean", "flatten"):
             raise ValueError(f"head must be 'mean' or 'flatten', got {self.head!r}")
+        if not 0 <= self.mlp_ratio <= 64:
+            raise ValueError(f"mlp_ratio must be in [0, 64] (0: no MLP), got {self.mlp_ratio}")
 
     @property
     def attention(self) -> AttentionConfig:
@@ -153,16 +158,35 @@ class _LevelCrossAttention(nn.Module):
 
     The positional embedding goes into the queries only: the map handed to the next block carries no
     additive position bias, and the attention knows where each query sits.
+
+    With ``mlp_ratio`` > 0 a position-wise MLP follows, joined the same way (``norm2(x + mlp(x))`` or
+    ``x + tanh(g2) * mlp(norm2(x))``). Without it what the attention brings each position is only added
+    to the map: the classifier would have to combine "this position matches the context" with "this
+    position holds a circle" itself; the MLP can do it at every position.
     """
 
     def __init__(self, dim: int, context_dim: int, grid: tuple[int, int], *, num_heads: int,
-                 attn_dropout: float, impl: AttentionConfig, residual: str = "norm") -> None:
+                 attn_dropout: float, impl: AttentionConfig, residual: str = "norm", mlp_ratio: float = 0.0) -> None:
         super().__init__()
         self.pos_embed = PositionalEmbedding2d(dim, grid)
         self.attn = CrossAttention(dim, context_dim, num_heads=num_heads, dropout=attn_dropout, impl=impl)
         self.drop = nn.Dropout(attn_dropout)
         self.norm = nn.LayerNorm(dim)
         self.gate = nn.Parameter(torch.zeros(())) if residual == "gate" else None
+        self.mlp = FeedForward(dim, mlp_ratio=mlp_ratio, dropout=attn_dropout) if mlp_ratio else None
+        self.norm2 = nn.LayerNorm(dim) if mlp_ratio else None
+        self.gate2 = nn.Parameter(torch.zeros(())) if mlp_ratio and residual == "gate" else None
+
+    def init_weights(self) -> None:
+        self.pos_embed.init_weights()
+        self.attn.init_weights()
+        self.norm.reset_parameters()
+        for gate in (self.gate, self.gate2):
+            if gate is not None:
+                nn.init.zeros_(gate)
+        if self.mlp is not None:
+            self.mlp.init_weights()
+            self.norm2.reset_parameters()
 
     def forward(self, feat: Tensor, context: Tensor, *, context_mask: Tensor | None,
                 need_weights: bool) -> tuple[Tensor, Tensor | None]:
@@ -175,6 +199,11 @@ class _LevelCrossAttention(nn.Module):
             tokens = self.norm(tokens + self.drop(out))
         else:
             tokens = tokens + torch.tanh(self.gate) * self.drop(out)
+        if self.mlp is not None:
+            if self.gate2 is None:
+                tokens = self.norm2(tokens + self.mlp(tokens))
+            else:
+                tokens = tokens + torch.tanh(self.gate2) * self.mlp(self.norm2(tokens))
         return tokens_to_feature_map(tokens, h, w), weights  # (B, C, h, w)
 
 
@@ -196,7 +225,8 @@ class VGGCrossAttention(PretrainedModel):
                  impl: str | AttentionConfig = "auto", image_size: int = 224, hidden_dim: int | None = None,
                  window: int | None = None, num_global: int | None = None, block_q: int | None = None,
                  block_k: int | None = None, rank: int | None = None, max_context_tokens: int | None = None,
-                 head: Literal["mean", "flatten"] = "mean", residual: Literal["norm", "gate"] = "norm") -> None:
+                 head: Literal["mean", "flatten"] = "mean", residual: Literal["norm", "gate"] = "norm",
+                 mlp_ratio: float = 0.0) -> None:
         super().__init__()
         attention = {"window": window, "num_global": num_global, "block_q": block_q, "block_k": block_k,
                      "rank": rank, "max_context_tokens": max_context_tokens}
@@ -209,7 +239,7 @@ class VGGCrossAttention(PretrainedModel):
             num_classes=num_classes, depth=depth, batch_norm=batch_norm, width=width,
             context_dim=context_dim, num_heads=num_heads, levels=levels, dropout=dropout,
             attn_dropout=attn_dropout, impl=impl, image_size=image_size, hidden_dim=hidden_dim, **attention,
-            head=head, residual=residual,
+            head=head, residual=residual, mlp_ratio=mlp_ratio,
         )
         self.config = cfg
         self.backbone = VGG(cfg.depth, batch_norm=cfg.batch_norm, width=cfg.width, pos_embed=False)
@@ -233,7 +263,7 @@ class VGGCrossAttention(PretrainedModel):
                 self.cross_attention[str(level)] = _LevelCrossAttention(
                     dim, cfg.context_dim, self.backbone.grid(cfg.image_size, level),
                     num_heads=cfg.num_heads, attn_dropout=cfg.attn_dropout, impl=cfg.attention,
-                    residual=cfg.residual,
+                    residual=cfg.residual, mlp_ratio=cfg.mlp_ratio,
                 )
 
         trust_inputs(self.cross_attention)  # forward checks the context once, not at every level
@@ -250,11 +280,7 @@ class VGGCrossAttention(PretrainedModel):
     def init_weights(self) -> None:
         self.backbone.init_weights()
         for level in self.cross_attention.values():
-            level.pos_embed.init_weights()
-            level.attn.init_weights()
-            level.norm.reset_parameters()
-            if level.gate is not None:
-                nn.init.zeros_(level.gate)
+            level.init_weights()
         for m in self.head:
             if isinstance(m, nn.Linear):
                 init_linear(m)
