@@ -168,7 +168,7 @@ CLASSIFY_VARIANTS: dict[str, dict[str, Any]] = {
     "resnet50": {"backbone": "resnet50", "context": "none"},
 }
 DEFAULT_CLASSIFY_VARIANTS = ["vgg16", "vgg16-xattn", "vgg16-xattn-8h", "vgg16-xattn-mlp", "vgg16-multilevel",
-                             "resnet18"]
+                             "vgg16-multilevel-gate", "resnet18"]
 CLASSIFY_COLUMNS = ["variant", "accuracy", "params", "seconds_per_epoch", "train_images_per_second",
                     "inference_images_per_second"]
 

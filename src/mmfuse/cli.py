@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vqa: compare fusions; classify: compare classifier variants (--variants)")
     p.add_argument("--fusions", help="comma-separated fusion names (default: a representative set)")
     p.add_argument("--variants", help="--task classify: comma-separated variants (default: vgg16, vgg16-xattn, "
-                   "vgg16-xattn-8h, vgg16-xattn-mlp, vgg16-multilevel, resnet18)")
+                   "vgg16-xattn-8h, vgg16-xattn-mlp, vgg16-multilevel, vgg16-multilevel-gate, resnet18)")
     p.add_argument("--preset", "--recipe", dest="preset", choices=sorted(PRESETS),
                    help="a named recipe of training settings (see mmfuse train --help)")
     p.add_argument("--width", type=float, help="--task classify: backbone channel multiplier (default: 1.0)")

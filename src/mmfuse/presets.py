@@ -40,6 +40,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             # learning which object a colour names within the budget (64% against 100% on "what shape is
             # the <colour> object?"), while coordinates took top/bottom from 62% to 98%.
             "fusion_options": {"image_depth": 0, "coordinates": True, "question_query": False},
+            # The linear answer head: with easy-VQA's MLP head (128) the same 8-epoch run ended at 71.3%
+            # relational / 63.5% non-relational, against 70.2% / 83.6% with it.
+            "head_hidden": 0,
         },
     },
 }
