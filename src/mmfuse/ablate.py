@@ -181,7 +181,8 @@ def run_classify_ablation(*, data: str, variants: list[str], epochs: int, seed: 
     Columns (:data:`CLASSIFY_COLUMNS`): ``accuracy`` on the test split (a fraction), ``params`` of the
     whole model (context encoder included), mean ``seconds_per_epoch`` of training, training and
     inference images per second (inference: one ``evaluate`` of the test split, already in memory).
-    ``base``: shared TrainConfig fields, model options under ``"model"`` (e.g. width, image_size).
+    ``base``: shared TrainConfig fields over the classify task's own recipe (its ``train_defaults``), model
+    options under ``"model"`` (e.g. width, image_size).
     """
     from mmfuse import tasks
 
@@ -195,7 +196,8 @@ def run_classify_ablation(*, data: str, variants: list[str], epochs: int, seed: 
     out_dir = Path(out_dir)
     model_options = dict(base.pop("model", {}))
     task = tasks.create("classify")
-    storage = ImageStorage.from_settings(base)
+    settings = {**task.train_defaults, **base}
+    storage = ImageStorage.from_settings(settings)
     splits: dict[tuple[str, int], Any] = {}  # (split, image size) -> split, loaded once
 
     def split(name: str, size: int | None) -> Any:
@@ -209,8 +211,8 @@ def run_classify_ablation(*, data: str, variants: list[str], epochs: int, seed: 
         run_dir = out_dir / variant
         log.info("ablation: training %s into %s", variant, run_dir)
         options = {**model_options, **CLASSIFY_VARIANTS[variant]}
-        cfg = TrainConfig(**base, task="classify", data=str(data), out=str(run_dir), epochs=epochs, seed=seed,
-                          progress=progress, model=options)
+        cfg = TrainConfig(**{**settings, "task": "classify", "data": str(data), "out": str(run_dir),
+                             "epochs": epochs, "seed": seed, "progress": progress, "model": options})
         size = options.get("image_size")
         train(cfg, train_split=split("train", size), eval_split=split("test", size))
         model = task.load_model(run_dir, device=resolve_device(cfg.device))

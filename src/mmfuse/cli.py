@@ -639,8 +639,8 @@ def _predict_split(model: Any, args: argparse.Namespace) -> int:
     if not args.predictions:
         raise UsageError("predict --data needs --predictions OUT.jsonl")
     task = tasks.for_model(model)
-    split = load_split(args.data, args.split, image_size=model.config.image_size, require_answers=False,
-                       resize=model.config.resize, storage=_image_storage(args, Path(args.checkpoint)))
+    split = load_split(args.data, args.split, **task.load_options(model), require_answers=False,
+                       storage=_image_storage(args, Path(args.checkpoint)))
     unknown = unknown_words(model, split.questions)
     if unknown:
         log.warning("%d question words were never seen in training and are read as unknown: %s%s", len(unknown),
@@ -703,10 +703,7 @@ def _ablate_classify(args: argparse.Namespace) -> int:
     if unknown:
         raise UsageError(f"unknown variant(s) {unknown}; choose from {list(CLASSIFY_VARIANTS)}")
     given = {k: getattr(args, k) for k in ("images_per_batch", "lr", "threads") if getattr(args, k) is not None}
-    from mmfuse import tasks
-
     base: dict[str, Any] = {"device": args.device, **({"precision": args.precision} if args.precision else {}),
-                            **tasks.create("classify").train_defaults,
                             **(apply_preset(args.preset, given, {})[0] if args.preset else given),
                             **_storage_options(args)}
     base["model"] = {k: getattr(args, k) for k in ("width", "image_size") if getattr(args, k) is not None}

@@ -294,8 +294,7 @@ class Trainer:
         # after the last epoch.
         self.eval_split = eval_split
         if self.eval_split is None and self.rank == 0:
-            self.eval_split = self.task.load_split(cfg.data, cfg.eval_split, **self.task.load_options(self.model),
-                                                   progress=cfg.progress, storage=cfg.storage)
+            self.eval_split = self._load_eval_split()
         if self.rank == 0 and not resume:
             runs.write_run_config(self.out, cfg.to_dict())
         self.batches = self.task.batches(self.model, self.train_split, batch_size=cfg.images_per_batch,
@@ -478,11 +477,15 @@ class Trainer:
         self.scaler.update()
         return total.detach(), out.correct.detach(), out.count
 
+    def _load_eval_split(self) -> Any:
+        """The run's ``eval_split``, decoded the way the model takes images."""
+        cfg = self.cfg
+        return self.task.load_split(cfg.data, cfg.eval_split, **self.task.load_options(self.model),
+                                    progress=cfg.progress, storage=cfg.storage)
+
     def evaluate(self) -> dict[str, Any]:
         if self.eval_split is None:
-            self.eval_split = self.task.load_split(self.cfg.data, self.cfg.eval_split,
-                                                   **self.task.load_options(self.model), progress=self.cfg.progress,
-                                                   storage=self.cfg.storage)
+            self.eval_split = self._load_eval_split()
         return self.task.evaluate(self.model, self.eval_split, device=self.device,
                                   precision=self.precision).summary()
 
