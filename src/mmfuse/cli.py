@@ -143,6 +143,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vision-finetune", action="store_true", default=None,
                    help="train the hf:PATH vision model too (default: frozen)")
     g.add_argument("--vgg-width", type=float, help=f"channel multiplier of VGG, 1.0 = the original {d('vgg_width')}")
+    g.add_argument("--cnn-coordinates", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"--vision cnn: each pixel's x and y as two more input channels (CoordConv) "
+                        f"{d('cnn_coordinates')}")
     g.add_argument("--pool-queries", type=int,
                    help=f"pool the image tokens to this many latents first, 0: off {d('pool_queries')}")
     g.add_argument("--text", type=_encoder_choice("transformer", "hf"), metavar="{transformer,hf,hf:PATH}",

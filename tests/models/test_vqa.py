@@ -141,3 +141,16 @@ def test_mlp_head_option():
     assert [type(m).__name__ for m in model.head] == ["LayerNorm", "Linear", "GELU", "Dropout", "Linear"]
     assert model.head[1].out_features == 8
     assert model(images, ids, mask, index).shape == (5, len(ANSWERS))
+
+
+def test_cnn_coordinates_option_saves_and_loads(tmp_path):
+    model = make("multi_hop", cnn_coordinates=True).eval()
+    assert model.vision.coordinates and model.vision.blocks[0][0].in_channels == 5
+    images, ids, mask, index = inputs(model)
+    logits = model(images, ids, mask, index)
+    model.save_pretrained(tmp_path)
+    loaded = VQAModel.from_pretrained(tmp_path)
+    assert loaded.config.cnn_coordinates
+    assert_close(loaded(images, ids, mask, index), logits)
+    with pytest.raises(ValueError, match="cnn_coordinates applies to vision='cnn' only, got vision='vgg11'"):
+        make(vision="vgg11", cnn_coordinates=True)

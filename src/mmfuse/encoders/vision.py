@@ -87,19 +87,24 @@ class ConvEncoder(nn.Module):
         in_channels: image channels.
         pos_embed: add a :class:`PositionalEmbedding2d` to the output tokens.
         image_size: the image size the positional tables are sized for; other sizes interpolate them.
+        coordinates: append two channels to the image, each pixel's x and y in [-1, 1] (CoordConv, Liu et
+            al. 2018), so the features can say exactly where in the image they are, which max-pooled
+            convolutions otherwise blur to the cell.
     """
 
     def __init__(self, stages: Sequence[Sequence[int]] = ((32,), (64,), (128,)), *, batch_norm: bool = True,
-                 in_channels: int = 3, pos_embed: bool = True, image_size: int = 64) -> None:
+                 in_channels: int = 3, pos_embed: bool = True, image_size: int = 64,
+                 coordinates: bool = False) -> None:
         super().__init__()
         if not stages or any(not block for block in stages):
             raise ValueError(f"stages must be a non-empty list of non-empty channel lists, got {stages!r}")
         self.in_channels = in_channels
         self.num_stages = len(stages)
+        self.coordinates = coordinates
 
         blocks = []
         channels = []
-        c_in = in_channels
+        c_in = in_channels + (2 if coordinates else 0)
         for block_channels in stages:
             layers: list[nn.Module] = []
             for c_out in block_channels:
@@ -159,6 +164,11 @@ class ConvEncoder(nn.Module):
         """The last feature map (B, out_dim, h, w), or every block's map [(B, C_i, H_i, W_i)]."""
         self.check_images(images)
         x = images
+        if self.coordinates:
+            B, _, H, W = images.shape
+            y, x_ = torch.meshgrid(torch.linspace(-1, 1, H, device=images.device, dtype=images.dtype),
+                                   torch.linspace(-1, 1, W, device=images.device, dtype=images.dtype), indexing="ij")
+            x = torch.cat([images, x_.expand(B, 1, H, W), y.expand(B, 1, H, W)], dim=1)  # (B, C + 2, H, W)
         stages = []
         for block in self.blocks:
             x = block(x)  # (B, C_i, H_{i-1} // 2, W_{i-1} // 2)

@@ -78,6 +78,7 @@ class VQAConfig:
     cnn_stages: list[list[int]] = field(default_factory=lambda: [[16], [32], [64]])
     vgg_width: float = 0.25
     batch_norm: bool = True
+    cnn_coordinates: bool = False  # vision="cnn": CoordConv, two coordinate channels on the image
     pool_queries: int = 0  # > 0: AttentionPooling of the image tokens to this many latents
     # text
     text: str = "transformer"  # "transformer", "hf" (hf_path; None = the bundled MiniLM) or "hf:PATH"
@@ -117,6 +118,8 @@ class VQAConfig:
             raise ValueError(f"vision must be 'cnn', 'vgg11', 'vgg16', 'features' or 'hf:PATH', got {self.vision!r}")
         if self.vision == "hf:":
             raise ValueError("vision='hf:PATH' needs the folder of a Hugging Face vision model after 'hf:'")
+        if self.cnn_coordinates and self.vision != "cnn":
+            raise ValueError(f"cnn_coordinates applies to vision='cnn' only, got vision={self.vision!r}")
         if self.vision == "features" and self.feature_dim < 1:
             raise ValueError("vision='features' needs feature_dim, the width of the precomputed image tokens")
         if self.text.startswith("hf:"):  # one spelling in saved configs: text="hf" + hf_path
@@ -181,7 +184,8 @@ class VQAModel(PretrainedModel):
 
         self.vision: nn.Module | None
         if c.vision == "cnn":
-            self.vision = ConvEncoder(c.cnn_stages, batch_norm=c.batch_norm, image_size=c.image_size)
+            self.vision = ConvEncoder(c.cnn_stages, batch_norm=c.batch_norm, image_size=c.image_size,
+                                      coordinates=c.cnn_coordinates)
         elif c.vision in ("vgg11", "vgg16"):
             self.vision = VGG(11 if c.vision == "vgg11" else 16, batch_norm=c.batch_norm, width=c.vgg_width,
                               image_size=c.image_size)
