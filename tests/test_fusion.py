@@ -39,7 +39,7 @@ def open_gates(module):
 
 
 # The relational fusions need a square grid of image tokens: tests/layers/test_relational.py.
-RELATIONAL = ["film", "relation_network", "relational_transformer"]
+RELATIONAL = ["film", "multi_hop", "relation_network", "relational_transformer"]
 
 
 def test_available_lists_every_fusion():

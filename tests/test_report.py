@@ -135,6 +135,18 @@ def test_attention_pooling_shows_first_latents() -> None:
     assert bool((maps.maps.sum(dim=(1, 2)) < 1).all())
 
 
+def test_multi_hop_shows_one_panel_per_hop() -> None:
+    model = untrained("multi_hop", depth=3)
+    img = image()
+    maps = attention_maps(model, img, "what shape is it?")
+    assert maps.labels == ["hop 1", "hop 2", "hop 3"] and maps.maps.shape == (3, *GRID)
+    ids, mask = model.tokenize(["what shape is it?"])
+    with torch.no_grad():
+        weights = model.fuse(img[None], ids, mask, need_weights=True).attention[0]  # (H, hops, Ni)
+    torch.testing.assert_close(maps.maps.flatten(1), weights.mean(0))
+    torch.testing.assert_close(maps.maps.sum(dim=(1, 2)), torch.ones(3))
+
+
 @pytest.mark.parametrize("fusion", ["concat", "late", "product", "text_only", "image_only"])
 def test_fusions_without_attention_are_rejected(fusion: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=f"fusion {fusion} has no attention to show"):

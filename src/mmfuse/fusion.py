@@ -22,6 +22,7 @@ cross-modal attention, from its last block; H = num_heads. Each fusion class dec
   ``fusion_transformer`` (last co-attention block);
 - ``LATENTS_TO_TOKENS`` (B, H, Q, Ni + Nt), latents over [image tokens; text tokens]: ``attention_pooling``;
 - ``TOKENS_TO_TOKENS`` (B, H, Ni + Nt, Ni + Nt), [image; text] over itself: ``self_attention``;
+- ``HOPS_TO_IMAGE`` (B, H, hops, Ni), one row per attention hop of the whole question: ``multi_hop``;
 - None: ``concat``, ``late``, ``product``, ``text_only``, ``image_only``, which have no attention.
 
 ``create(name, image_dim=..., text_dim=..., dim=..., ...)`` passes each fusion the common arguments
@@ -67,10 +68,11 @@ from mmfuse.layers.common import (
 )
 from mmfuse.layers.cross_attention import AttentionBlock, apply_blocks
 from mmfuse.layers.gated import GatedCrossAttention
-from mmfuse.layers.relational import FiLMReadout, RelationalTransformer, RelationNetwork
+from mmfuse.layers.relational import FiLMReadout, MultiHopReader, RelationalTransformer, RelationNetwork
 from mmfuse.layers.self_fusion import ModalitySelfAttention, ModalityTokens
 
 __all__ = [
+    "HOPS_TO_IMAGE",
     "LATENTS_TO_TOKENS",
     "TEXT_TO_IMAGE",
     "TOKENS_TO_TOKENS",
@@ -88,6 +90,7 @@ __all__ = [
 TEXT_TO_IMAGE = "text->image"
 LATENTS_TO_TOKENS = "latents->image+text"
 TOKENS_TO_TOKENS = "image+text->image+text"
+HOPS_TO_IMAGE = "hops->image"
 
 
 @dataclass
@@ -497,6 +500,30 @@ class RelationalTransformerFusion(Fusion):
         return FusionOutput(masked_mean(text, None if self.encoder.question_query else text_mask), text, weights)
 
 
+@register("multi_hop")
+class MultiHopFusion(Fusion):
+    """:class:`~mmfuse.layers.relational.MultiHopReader`: the question reads the image tokens in
+    ``depth`` attention hops, each hop's query built from the question and the earlier reads (keys and
+    values once per image). ``out.attention``: every hop's weights, (B, H, hops, Ni)."""
+
+    attention_layout = HOPS_TO_IMAGE
+
+    def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, num_heads: int = 8, depth: int = 2,
+                 coordinates: bool = True, dropout: float = 0.1) -> None:
+        super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
+        self.reader = MultiHopReader(image_dim, text_dim, dim=dim, num_heads=num_heads, hops=depth,
+                                     coordinates=coordinates, dropout=dropout)
+        trust_inputs(self.reader)
+
+    def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
+                text_mask: Tensor | None = None, image_index: Tensor | None = None,
+                need_weights: bool = False) -> FusionOutput:
+        self.check_inputs(image_tokens, text_tokens, image_mask, text_mask, image_index)
+        pooled, weights = self.reader(image_tokens, text_tokens, image_mask=image_mask, text_mask=text_mask,
+                                      image_index=image_index)  # (B, dim), (B, H, hops, Ni)
+        return FusionOutput(pooled, None, weights if need_weights else None)
+
+
 @register("relation_network")
 class RelationNetworkFusion(Fusion):
     """Santoro et al.'s :class:`~mmfuse.layers.relational.RelationNetwork` over the image tokens, with
@@ -528,11 +555,11 @@ class FiLMFusion(Fusion):
 
     def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, num_heads: int = 8, depth: int = 2,
                  image_depth: int = 2, coordinates: bool = True, mlp_ratio: float = 4.0, dropout: float = 0.1,
-                 impl: str | AttentionConfig = "auto", max_image_tokens: int | None = None) -> None:
+                 impl: str | AttentionConfig = "auto", max_image_tokens: int | None = None, hops: int = 1) -> None:
         super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
         self.readout = FiLMReadout(image_dim, text_dim, dim=dim, depth=depth, image_depth=image_depth,
                                    coordinates=coordinates, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                                   dropout=dropout, impl=impl, max_image_tokens=max_image_tokens)
+                                   dropout=dropout, impl=impl, max_image_tokens=max_image_tokens, hops=hops)
         trust_inputs(self.readout)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,

@@ -23,7 +23,7 @@ from torch import Tensor
 from mmfuse.data import ImageStorage, VQASplit, load_split
 from mmfuse.data.vocab import CLS
 from mmfuse.evaluate import EvalResult, evaluate
-from mmfuse.fusion import LATENTS_TO_TOKENS, TOKENS_TO_TOKENS
+from mmfuse.fusion import HOPS_TO_IMAGE, LATENTS_TO_TOKENS, TOKENS_TO_TOKENS
 from mmfuse.io import atomic_write_text, read_json
 from mmfuse.models.vqa import VQAModel
 from mmfuse.plotting import AttentionMaps, attention_figure, confusion_figure, curves_figure, new_figure, save_figure
@@ -99,7 +99,8 @@ def _token_labels(model: VQAModel, ids: list[int]) -> list[str]:
 
 @torch.no_grad()
 def attention_maps(model: VQAModel, image: Tensor, question: str, *, per_head: bool = False) -> AttentionMaps:
-    """The attention of ``question``'s tokens (latents for ``attention_pooling``) over ``image``.
+    """The attention of ``question``'s tokens (latents for ``attention_pooling``, hops for ``multi_hop``)
+    over ``image``.
 
     One panel per token, heads averaged; ``per_head=True`` gives one panel per token and head instead
     (labels ``"word h0"``, ...), in token-major order.
@@ -144,6 +145,9 @@ def attention_maps(model: VQAModel, image: Tensor, question: str, *, per_head: b
         rows = torch.arange(min(MAX_LATENTS, weights.shape[0]))
         heads = heads[:, rows, :n_image]  # (H, P, Ni): the image keys only; the rest of each row is on text
         labels = [f"latent {i} ({float(share):.0%} on image)" for i, share in enumerate(heads.mean(0).sum(-1))]
+    elif layout == HOPS_TO_IMAGE:
+        expect((weights.shape[0], n_image), "hops -> image")
+        labels = [f"hop {k + 1}" for k in range(weights.shape[0])]
     else:
         if layout == TOKENS_TO_TOKENS:
             expect((n_image + L, n_image + L), "(Ni + Nt) -> (Ni + Nt)")

@@ -12,6 +12,7 @@ from torch.testing import assert_close
 from mmfuse import fusion
 from mmfuse.layers.relational import (
     FiLMReadout,
+    MultiHopReader,
     RelationalTransformer,
     RelationNetwork,
     append_coordinates,
@@ -21,7 +22,7 @@ from mmfuse.layers.relational import (
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 IMAGE_DIM, TEXT_DIM, DIM, HEADS = 12, 10, 16, 4
-NAMES = ["relational_transformer", "relation_network", "film"]
+NAMES = ["relational_transformer", "relation_network", "film", "multi_hop"]
 
 
 def make(name: str, **kwargs) -> fusion.Fusion:
@@ -57,6 +58,7 @@ def test_registered_and_buildable_by_name():
     assert isinstance(make("relational_transformer", image_depth=1).encoder, RelationalTransformer)
     assert isinstance(make("relation_network").rn, RelationNetwork)
     assert isinstance(make("film", image_depth=0).readout, FiLMReadout)
+    assert isinstance(make("multi_hop").reader, MultiHopReader) and make("multi_hop").reader.hops == 2
     with pytest.raises(TypeError, match="unexpected arguments"):
         make("relation_network", image_depth=2)
 
@@ -92,10 +94,12 @@ def test_shared_images_equal_gathering_first(name):
     shared = model(image, text, image_mask=image_mask, text_mask=text_mask, image_index=index, need_weights=True)
     gathered = model(image[index], text, image_mask=image_mask[index], text_mask=text_mask, need_weights=True)
     assert_close(shared.pooled, gathered.pooled)
-    if name == "relational_transformer":
-        assert shared.attention.shape == (5, HEADS, 4, 9)
+    if name in ("relational_transformer", "multi_hop"):
+        rows = 4 if name == "relational_transformer" else 2  # text tokens; hops
+        assert shared.attention.shape == (5, HEADS, rows, 9)
         assert_close(shared.attention, gathered.attention)
         assert (shared.attention.masked_select(~image_mask[index][:, None, None, :]) == 0).all()
+        assert_close(shared.attention.sum(-1), torch.ones(5, HEADS, rows))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -165,7 +169,7 @@ def test_relation_network_rejects_bad_shapes():
 def test_learns_a_positional_relation_in_a_few_steps(name):
     """Which of two marked tokens is further right: a relation between positions, not contents."""
     torch.manual_seed(0)
-    model = make(name, **({} if name == "relation_network" else {"image_depth": 1}))
+    model = make(name, **({} if name in ("relation_network", "multi_hop") else {"image_depth": 1}))
     head = torch.nn.Linear(DIM, 2)
     opt = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=3e-3)
     text = torch.zeros(32, 1, TEXT_DIM)
@@ -218,3 +222,57 @@ def test_film_pools_the_max_over_kept_tokens_and_starts_unconditioned():
     assert not torch.allclose(out.pooled[0], out.pooled[2])
     empty = torch.zeros_like(image_mask)
     assert (model(image, text, image_mask=empty, text_mask=text_mask, image_index=index).pooled == 0).all()
+
+
+def test_film_hops_condition_each_hop_on_the_ones_before():
+    model = make("film", hops=2, image_depth=0).eval()
+    readout = model.readout
+    assert len(readout.next_films) == 1 and readout.next_films[0].in_features == TEXT_DIM + DIM
+    image, text, image_mask, text_mask, index = batch()
+    out = model(image, text, image_mask=image_mask, text_mask=text_mask, image_index=index)
+    assert out.pooled.shape == (5, DIM) and out.tokens.shape == (5, 9, DIM)
+    # Only the second hop's conditioning is switched on: what it reads now depends on the first hop's max.
+    with torch.no_grad():
+        readout.next_films[0].weight[:, TEXT_DIM:].normal_()
+    changed = image.clone()
+    changed[0, 0] += 5.0  # image 0 is question 1's and question 4's
+    before = model(image, text, image_mask=image_mask, text_mask=text_mask, image_index=index).tokens
+    after = model(changed, text, image_mask=image_mask, text_mask=text_mask, image_index=index).tokens
+    moved = ~torch.isclose(before, after).all(dim=-1)  # (5, 9): tokens whose second-hop features changed
+    assert moved[[1, 4]].sum() > 2  # beyond token 0 itself: the first hop's pooled vector carried the change
+    assert not moved[[0, 2, 3]].any()
+    with pytest.raises(ValueError, match="hops must be >= 1, got 0"):
+        make("film", hops=0)
+
+
+
+def test_multi_hop_reads_positions_and_counts_from_its_weights():
+    """Each hop's read carries, per head, the attention-weighted grid coordinates (exactly) and the
+    sigmoid sum of the logits; a first hop that lands on one token hands its position to the second."""
+    torch.manual_seed(0)
+    reader = MultiHopReader(IMAGE_DIM, TEXT_DIM, dim=DIM, num_heads=HEADS, hops=2).eval()
+    image, text = torch.randn(1, 9, IMAGE_DIM), torch.randn(1, 2, TEXT_DIM)
+    with torch.no_grad():  # hop 1: every head's logits = 50 * (feature 0 of the token), feature 0 one-hot at token 7
+        image[..., 0] = 0.0
+        image[0, 7, 0] = 1.0
+        reader.image[0].weight.zero_()
+        reader.image[0].weight[0, 0] = 1.0  # (before the LayerNorm) token 7 differs from the others in unit 0
+        reader.coord_keys.weight.zero_()
+        reader.keys.weight.zero_()
+        reader.keys.bias.zero_()
+        reader.keys.weight[:DIM, 0] = 1.0  # hop 1's keys: unit 0 in every head dimension
+        reader.queries[0].weight.zero_()
+        reader.queries[0].bias.fill_(50.0)
+    _, weights = reader(image, text)
+    assert weights.shape == (1, HEADS, 2, 9)
+    assert weights[0, :, 0, 7].min() > 0.999  # every head of hop 1 is on token 7
+    memory = {}
+    reader.controls[1].register_forward_hook(lambda m, args, out: memory.update(cat=args[0]))
+    reader(image, text)
+    read = memory["cat"][0, DIM:]  # hop 1's read: [values (DIM); where (HEADS * 3); counts (HEADS)]
+    where = read[DIM:DIM + HEADS * 3].view(HEADS, 3)
+    assert_close(where, grid_coordinates(9)[7].expand(HEADS, 3), atol=1e-3, rtol=0)
+    # the soft count: token 7's sigmoid (~1) and eight sigmoid(0) = 0.5, over 9 tokens
+    assert_close(read[DIM + HEADS * 3:], torch.full((HEADS,), 5 / 9), atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="hops must be >= 1, got 0"):
+        MultiHopReader(IMAGE_DIM, TEXT_DIM, hops=0)
