@@ -413,24 +413,28 @@ class MultiHopReader(nn.Module):
         if self.coord_keys is not None:
             keys = keys + self.coord_keys(coords)
         values = self.values(x)  # (I, N, hops * dim)
-        # (I, N, hops, H, D) -> (I, hops, H, N, D), then one row per question
-        keys = keys.view(I, N, K, H, D).permute(0, 2, 3, 1, 4)
-        values = values.view(I, N, K, H, D).permute(0, 2, 3, 1, 4)
-        keep = None if image_mask is None else image_mask
-        if image_index is not None:
-            keys, values = gather_rows(keys, image_index), gather_rows(values, image_index)  # (B, hops, H, N, D)
-            keep = None if keep is None else keep.index_select(0, image_index)
+        # Per hop, contiguous in the layouts the per-question matmuls take: keys (I, H, D, N), values
+        # (I, H, N, D). Each hop gathers its own rows per question, so a hop's gradient stays image-sized.
+        keys = keys.view(I, N, K, H, D).permute(2, 0, 3, 4, 1).contiguous()  # (hops, I, H, D, N)
+        values = values.view(I, N, K, H, D).permute(2, 0, 3, 1, 4).contiguous()  # (hops, I, H, N, D)
+        keep = image_mask
+        if image_index is not None and keep is not None:
+            keep = keep.index_select(0, image_index)  # (B, N)
+
+        def per_question(x: Tensor) -> Tensor:
+            return x if image_index is None else gather_rows(x, image_index)  # (I, ...) -> (B, ...)
+
         q = self.question(masked_mean(text_tokens, text_mask))  # (B, dim)
         memory = [q]
         weights = []
         for k in range(K):
             control = self.controls[k](torch.cat(memory, dim=-1))  # (B, dim)
             query = self.queries[k](control).view(B, H, 1, D)  # (B, H, 1, D)
-            logits = (query @ keys[:, k].transpose(-1, -2)).squeeze(-2) / math.sqrt(D)  # (B, H, N)
+            logits = (query @ per_question(keys[k])).squeeze(-2) / math.sqrt(D)  # (B, H, N)
             if keep is not None:
                 logits = logits.masked_fill(~keep[:, None], float("-inf"))
             attn = logits.softmax(dim=-1).nan_to_num(0.0)  # (B, H, N); a row with nothing kept reads zeros
-            read = (attn[:, :, None] @ values[:, k]).reshape(B, H * D)  # (B, dim)
+            read = (attn[:, :, None] @ per_question(values[k])).reshape(B, H * D)  # (B, dim)
             where = (attn @ coords[:, :self.where_dim]).reshape(B, H * self.where_dim)  # (B, H * 3) or (B, 0)
             count = torch.sigmoid(logits).sum(dim=-1) / max(N, 1)  # (B, H); masked logits are -inf -> 0
             memory.append(torch.cat([self.outs[k](read), where, count], dim=-1))
