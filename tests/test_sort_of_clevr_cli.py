@@ -21,9 +21,8 @@ def test_preset_sets_the_recipe_and_flags_override_it():
     assert train["epochs"] == 1 and model["dim"] == 16 and model["fusion"] == "film"
     train, model = apply_preset("sort-of-clevr", {}, {})
     assert train["epochs"] == PRESETS["sort-of-clevr"]["epochs"]
-    assert model["fusion"] == "relational_transformer" and model["fusion_options"]["coordinates"]
-    model["fusion_options"]["image_depth"] = 99
-    assert PRESETS == before  # applying never modifies the preset itself
+    assert model["fusion"] == "multi_hop" and model["cnn_coordinates"]
+    assert PRESETS == before  # applying never modifies the preset itself (it pops "model" from a copy)
     TrainConfig(**train, model=model)  # every key is a real setting
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         apply_preset("nope", {}, {})
@@ -37,13 +36,13 @@ def test_make_dataset_train_with_preset_evaluate_by_kind(tmp_path, capsys):
     assert main(["train", "--preset", "sort-of-clevr", "--data", str(data), "--out", str(run), "--epochs", "1",
                  "--image-size", "32", "--dim", "16", "--num-heads", "2", "--threads", "1", "--no-progress",
                  "--warmup-steps", "1", "--images-per-batch", "4",
-                 "--fusion-options", '{"image_depth": 1, "question_query": true}']) == 0
+                 "--depth", "3", "--fusion-options", '{"coordinates": false}']) == 0
     capsys.readouterr()
     model = VQAModel.from_pretrained(run)
     assert model.config.fusion == PRESETS["sort-of-clevr"]["model"]["fusion"]
     assert model.config.dim == 16 and model.config.image_size == 32  # flags over the preset
-    assert model.config.fusion_options == {"image_depth": 1, "question_query": True}
-    assert len(model.fusion.encoder.image.blocks) == 1
+    assert model.config.fusion_options == {"coordinates": False} and model.config.cnn_coordinates
+    assert model.fusion.reader.hops == 3 and model.fusion.reader.coord_keys is None
     assert main(["evaluate", "--checkpoint", str(run), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["num_examples"] == 60
