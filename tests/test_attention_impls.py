@@ -6,6 +6,7 @@ from torch.profiler import profile
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from mmfuse import attention
 from mmfuse._attention_blocked import dense_plan, local_plan
 from mmfuse.attention import IMPLS, SMALL_SCORES, Attention, attend, local_attention_mask
 
@@ -314,7 +315,7 @@ def test_auto_runs_the_fused_kernel(masked):
     assert "aten::_softmax" not in names  # no explicit-softmax fallback
 
 
-def test_auto_runs_math_for_small_problems_on_cpu():
+def test_auto_runs_math_for_small_problems_on_cpu(monkeypatch):
     q, k, v = qkv(B=2, H=2, Nq=16, Nk=64, D=32, requires_grad=True)
     assert q.shape[2] * k.shape[2] <= SMALL_SCORES
     names = kernels_run(lambda: attend(q, k, v, impl="auto")[0].sum().backward())
@@ -322,6 +323,12 @@ def test_auto_runs_math_for_small_problems_on_cpu():
     with torch.no_grad():
         names = kernels_run(lambda: attend(q, k, v, impl="auto"))
     assert FUSED_KERNEL not in names and "aten::_softmax" in names
-    # bf16 stays on the fused kernel, which computes it in fp32; explicit bf16 matmuls may be emulated.
+    # bf16 runs explicitly only on a CPU with bf16 units; elsewhere explicit bf16 matmuls are emulated, and the
+    # fused kernel, which computes it in fp32, is the faster.
     q, k, v = (x.detach().bfloat16() for x in (q, k, v))
+    monkeypatch.setattr(attention, "cpu_bf16_support", lambda: "none")
     assert FUSED_KERNEL in kernels_run(lambda: attend(q, k, v, impl="auto"))
+    for units in ("avx512_bf16", "amx"):
+        monkeypatch.setattr(attention, "cpu_bf16_support", lambda units=units: units)
+        names = kernels_run(lambda: attend(q, k, v, impl="auto"))
+        assert FUSED_KERNEL not in names and "aten::_softmax" in names

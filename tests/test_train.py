@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -208,9 +209,9 @@ def test_precision_auto_keeps_the_faster_of_fp32_and_bf16_and_remembers_it(tiny,
     monkeypatch.setenv("MMFUSE_CACHE", str(tmp_path / "cache"))
     timed = []
     for fast in ("fp32", "bf16"):
-        def timing(self, p, fast=fast):
-            timed.append(p)
-            return 1.0 if p == fast else 2.0
+        def timing(self, precisions, fast=fast):
+            timed.extend(precisions)
+            return {p: 1.0 if p == fast else 2.0 for p in precisions}
 
         monkeypatch.setattr(Trainer, "_time_steps", timing)
         seed = 0 if fast == "fp32" else 1  # another model setting: measured anew
@@ -221,11 +222,21 @@ def test_precision_auto_keeps_the_faster_of_fp32_and_bf16_and_remembers_it(tiny,
     assert len(timed) == 4
 
 
+def test_precision_auto_takes_bf16_only_for_a_clear_gain(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr("mmfuse.train.cpu_bf16_support", lambda: "amx")
+    monkeypatch.setenv("MMFUSE_CACHE", str(tmp_path / "cache"))
+    for bf16_time, chosen in ((0.9, "fp32"), (0.7, "bf16")):
+        monkeypatch.setattr(Trainer, "_time_steps", lambda self, precisions, t=bf16_time: {"fp32": 1.0, "bf16": t})
+        cfg = _cfg(tiny, tmp_path / chosen, model={**TINY_MODEL, "dim": 32 if chosen == "fp32" else 48})
+        assert Trainer(cfg).precision == chosen
+
+
 def test_timing_the_precisions_leaves_weights_and_rng_untouched(tiny, tmp_path):
     trainer = Trainer(_cfg(tiny, tmp_path / "run"))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}  # BatchNorm statistics included
     rng = torch.get_rng_state()
-    assert trainer._time_steps("bf16", repeats=1) > 0
+    timings = trainer._time_steps(("fp32", "bf16"), batches=2)
+    assert set(timings) == {"fp32", "bf16"} and all(0 < t < math.inf for t in timings.values())
     for k, v in trainer.model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
     assert torch.equal(torch.get_rng_state(), rng)

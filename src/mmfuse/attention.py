@@ -82,6 +82,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmfuse._attention_blocked import block_attention, causal_plan, dense_plan, local_attention_mask, local_plan
+from mmfuse.device import cpu_bf16_support
 
 __all__ = [
     "IMPLS",
@@ -147,11 +148,21 @@ def _no_weights(impl: str, need_weights: bool) -> None:
 SMALL_SCORES = 64 * 64
 
 
+def explicit_on_cpu(dtype: torch.dtype, device: torch.device, nq: int, nk: int) -> bool:
+    """Whether ``impl="auto"`` runs the explicit path for (B, H, nq, D) queries over nk keys.
+
+    On CPU at most ``SMALL_SCORES`` scores per (batch, head), in fp32/fp64, or in bf16 where the CPU has
+    bf16 units: without them explicit bf16 matmuls are emulated (10x slower at the fusion shape), while
+    with them the fused kernel was the slow one (2-core AVX512-BF16 machine, the default VQA model's
+    cross-attention in bf16, forward+backward: 63 ms fused against 10.5 ms explicit).
+    """
+    if device.type != "cpu" or nq * nk > SMALL_SCORES:
+        return False
+    return dtype in (torch.float32, torch.float64) or (dtype == torch.bfloat16 and cpu_bf16_support() != "none")
+
+
 def _small_on_cpu(q: Tensor, k: Tensor) -> bool:
-    # fp32/fp64 only: the fused kernel computes half types in fp32, while explicit bf16 matmuls are
-    # emulated on CPUs without bf16 units (10x slower at the fusion shape).
-    full = q.dtype in (torch.float32, torch.float64)
-    return full and q.device.type == "cpu" and q.shape[2] * k.shape[2] <= SMALL_SCORES
+    return explicit_on_cpu(q.dtype, q.device, q.shape[2], k.shape[2])
 
 
 def causal_mask(nq: int, nk: int, device: torch.device | str | None = None) -> Tensor:

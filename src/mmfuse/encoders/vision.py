@@ -169,6 +169,10 @@ class ConvEncoder(nn.Module):
             y, x_ = torch.meshgrid(torch.linspace(-1, 1, H, device=images.device, dtype=images.dtype),
                                    torch.linspace(-1, 1, W, device=images.device, dtype=images.dtype), indexing="ij")
             x = torch.cat([images, x_.expand(B, 1, H, W), y.expand(B, 1, H, W)], dim=1)  # (B, C + 2, H, W)
+        # Channels-last (NHWC) memory: oneDNN's convolution, batch norm and max-pool run on it without
+        # reordering; on a 2-core CPU the default encoder's forward+backward over 32 images took 28-31 ms
+        # against 45-50 ms in NCHW (benchmarks/README.md, "training step"). The tokens come out contiguous.
+        x = x.contiguous(memory_format=torch.channels_last)
         stages = []
         for block in self.blocks:
             x = block(x)  # (B, C_i, H_{i-1} // 2, W_{i-1} // 2)
