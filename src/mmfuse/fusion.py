@@ -450,11 +450,13 @@ class FusionTransformer(Fusion):
 
     def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, num_heads: int = 8, depth: int = 1,
                  mlp_ratio: float = 4.0, dropout: float = 0.1, impl: str | AttentionConfig = "auto",
-                 max_image_tokens: int | None = None, max_text_tokens: int | None = None) -> None:
+                 max_image_tokens: int | None = None, max_text_tokens: int | None = None,
+                 null_key: bool = False) -> None:
         super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
         self.encoder = CoAttention(text_dim, image_dim, dim=dim, num_heads=num_heads, depth=depth,
                                    mlp_ratio=mlp_ratio, dropout=dropout, impl=impl,
-                                   max_text_tokens=max_text_tokens, max_image_tokens=max_image_tokens)
+                                   max_text_tokens=max_text_tokens, max_image_tokens=max_image_tokens,
+                                   null_key=null_key)
         trust_inputs(self.encoder)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,

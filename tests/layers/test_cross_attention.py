@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
+from mmfuse import attention
 from mmfuse.attention import AttentionConfig
 from mmfuse.layers import AttentionBlock, CrossAttention
 
@@ -134,6 +135,80 @@ def test_permuting_context_tokens_and_mask_changes_nothing(impl):
     out_p, weights_p = layer(x, context[:, perm], context_mask=MASK[:, perm], need_weights=True)
     assert_close(out_p, out)
     assert_close(weights_p, weights[..., perm])
+
+
+@pytest.mark.parametrize("null_key", [False, True], ids=["", "null_key"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "mask"])
+@pytest.mark.parametrize("impl", ["auto", "math", "chunked"])
+def test_a_shared_context_matches_a_context_per_row(impl, masked, null_key):
+    """context_index against the same contexts copied to every row: outputs, weights and every gradient.
+    On CPU, auto and math lay the rows out by context (one matrix product per context); chunked gathers."""
+    layer = CrossAttention(16, 24, num_heads=4, impl=impl, dropout=0.0, null_key=null_key)
+    layer = randomize(layer).double().train()
+    index = torch.tensor([2, 0, 2, 1, 0, 2])
+    x = torch.randn(6, 5, 16, dtype=torch.double, requires_grad=True)
+    context = torch.randn(3, 7, 24, dtype=torch.double, requires_grad=True)
+    mask = MASK if masked else None
+    weigh = impl != "chunked"
+    shared, shared_w = layer(x, context, context_mask=mask, context_index=index, need_weights=weigh)
+    rows, rows_w = layer(x, context[index], context_mask=None if mask is None else mask[index], need_weights=weigh)
+    assert_close(shared, rows)
+    if weigh:
+        assert_close(shared_w, rows_w)
+    probe = torch.randn_like(shared)
+    inputs = [x, context, *layer.parameters()]
+    assert_close(torch.autograd.grad((shared * probe).sum(), inputs), torch.autograd.grad((rows * probe).sum(), inputs))
+    if masked:  # context 2 has one kept key, context 0 three: an empty context still gives zeros
+        empty = torch.zeros(3, 7, dtype=torch.bool)
+        assert (layer(x, context, context_mask=empty, context_index=index)[0] == 0).all()
+
+
+@pytest.mark.parametrize("impl", ["auto", "math", "chunked"])
+def test_null_key_is_one_more_key_and_value_for_every_query(impl):
+    layer = randomize(CrossAttention(16, 24, num_heads=4, impl=impl, null_key=True)).double().eval()
+    x, context = torch.randn(3, 5, 16, dtype=torch.double), torch.randn(3, 7, 24, dtype=torch.double)
+    out, _ = layer(x, context, context_mask=MASK)
+    H, Dh = 4, 4
+    q = layer.q_proj(x).view(3, 5, H, Dh).transpose(1, 2)
+    k = torch.cat([layer.k_proj(context).view(3, 7, H, Dh).transpose(1, 2), layer.null_k.expand(3, H, 1, Dh)], 2)
+    v = torch.cat([layer.v_proj(context).view(3, 7, H, Dh).transpose(1, 2), layer.null_v.expand(3, H, 1, Dh)], 2)
+    scores = (q @ k.transpose(-2, -1)) / Dh**0.5  # (3, H, 5, 8)
+    keep = torch.cat([MASK, torch.ones(3, 1, dtype=torch.bool)], 1)[:, None, None, :]
+    ref = (scores.masked_fill(~keep, -torch.inf).softmax(-1) @ v).transpose(1, 2).reshape(3, 5, 16)
+    assert_close(out, layer.out_proj(ref))
+    if impl != "chunked":
+        weights = layer(x, context, context_mask=MASK, need_weights=True)[1]
+        assert weights.shape == (3, 4, 5, 7) and (weights.sum(-1) < 1).all()  # the null key took the rest
+
+
+def test_null_key_lets_a_query_read_nothing():
+    layer = randomize(CrossAttention(8, 6, num_heads=2, null_key=True)).eval()
+    with torch.no_grad():
+        layer.q_proj.weight.zero_()
+        layer.q_proj.bias.fill_(1.0)  # every query the same, aligned with the null key only
+        layer.null_k.fill_(100.0)
+        layer.null_v.zero_()
+    out, weights = layer(torch.randn(2, 3, 8), torch.randn(2, 4, 6), need_weights=True)
+    assert weights.sum(-1).max() < 1e-6
+    assert_close(out, layer.out_proj.bias.expand(2, 3, 8))  # no message from the context
+    empty = torch.zeros(2, 4, dtype=torch.bool)  # no context at all is still no output at all
+    assert (layer(torch.randn(2, 3, 8), torch.randn(2, 4, 6), context_mask=empty)[0] == 0).all()
+    with pytest.raises(ValueError, match="null_key"):
+        layer(torch.randn(2, 3, 8), torch.randn(2, 4, 6), causal=True)
+
+
+def test_rows_are_laid_out_by_context_only_where_that_pads_little(monkeypatch):
+    layer = CrossAttention(16, 24, num_heads=4)
+    q = torch.randn(6, 5, 16)
+    slots, per = layer._context_slots(q, torch.tensor([2, 0, 2, 1, 0, 2]), 3, 7)
+    assert per == 3 and slots.tolist() == [6, 0, 7, 3, 1, 8]  # context * per + rank among its rows
+    lopsided = torch.tensor([0] * 8 + [1, 2, 3])  # 4 contexts x 8 slots for 11 rows
+    assert layer._context_slots(torch.randn(11, 5, 16), lopsided, 4, 7) is None
+    for units in ("none", "avx512_bf16"):  # bf16 gathers, whether auto runs the fused kernel or the explicit path
+        monkeypatch.setattr(attention, "cpu_bf16_support", lambda units=units: units)
+        assert layer._context_slots(q.bfloat16(), torch.tensor([2, 0, 2, 1, 0, 2]), 3, 7) is None
+    chunked = CrossAttention(16, 24, num_heads=4, impl="chunked")
+    assert chunked._context_slots(q, torch.tensor([2, 0, 2, 1, 0, 2]), 3, 7) is None
 
 
 def test_fully_masked_context_gives_zeros_not_bias():

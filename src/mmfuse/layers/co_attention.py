@@ -40,14 +40,16 @@ class CoAttention(nn.Module):
 
     ``impl`` is the attention implementation (a name or an :class:`~mmfuse.attention.AttentionConfig`);
     ``lowrank`` needs ``max_text_tokens`` and ``max_image_tokens``, the longest sequences the text
-    self-attention and the cross-attention attend over.
+    self-attention and the cross-attention attend over. ``null_key``: the cross-attentions may attend to a
+    learned null token instead of the image (:class:`~mmfuse.layers.CrossAttention`).
     """
 
     validate_inputs: bool = True
 
     def __init__(self, text_dim: int, image_dim: int, *, dim: int = 256, num_heads: int = 8, depth: int = 2,
                  mlp_ratio: float = 4.0, dropout: float = 0.1, impl: str | AttentionConfig = "auto",
-                 max_text_tokens: int | None = None, max_image_tokens: int | None = None) -> None:
+                 max_text_tokens: int | None = None, max_image_tokens: int | None = None,
+                 null_key: bool = False) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
@@ -58,7 +60,8 @@ class CoAttention(nn.Module):
         self.image_proj = nn.Linear(image_dim, dim)
         self.blocks = nn.ModuleList(
             AttentionBlock(dim, context_dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout,
-                           impl=impl, max_tokens=max_text_tokens, max_context_tokens=max_image_tokens)
+                           impl=impl, max_tokens=max_text_tokens, max_context_tokens=max_image_tokens,
+                           null_key=null_key)
             for _ in range(depth)
         )
         trust_inputs(self.blocks)

@@ -22,6 +22,7 @@ __all__ = [
     "gather_rows",
     "init_linear",
     "masked_mean",
+    "take_rows",
     "trust_inputs",
     "zero_padding",
 ]
@@ -83,6 +84,30 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     # range is checked once where the index enters (check_context_index).
     one_hot = (index[:, None] == torch.arange(x.shape[0], device=index.device)).to(x.dtype)  # (B, I)
     return (one_hot @ x.reshape(x.shape[0], -1)).reshape(index.shape[0], *x.shape[1:])
+
+
+def take_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """``x[rows]`` along dim 0 for *distinct* ``rows``, with a gradient that copies instead of adding.
+
+    The gradient of an index gather is a scatter-add; with distinct rows every row receives one
+    gradient row, which ``index_copy`` places with no accumulation at all.
+    """
+    if not (torch.is_grad_enabled() and x.requires_grad) or torch.jit.is_tracing():
+        return x.index_select(0, rows)
+    return _TakeRows.apply(x, rows)
+
+
+class _TakeRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, rows: Tensor) -> Tensor:
+        ctx.save_for_backward(rows)
+        ctx.num_rows = x.shape[0]
+        return x.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (rows,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.num_rows, *grad.shape[1:]).index_copy_(0, rows, grad), None
 
 
 def concat_masks(masks: list[Tensor | None], tokens: list[Tensor]) -> Tensor | None:
