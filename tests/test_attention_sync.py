@@ -153,9 +153,9 @@ def test_vqa_model_training_step_reads_back_only_the_image_index_check():
 
 
 def device_reads(stacks: list[str]) -> list[str]:
-    """The reads that would make a GPU wait: all but CrossAttention's layout of rows by shared context, which
-    reads its size on CPU tensors only (``_context_slots``; a GPU gathers the keys instead)."""
-    return [s for s in stacks if "_context_slots" not in s]
+    """The reads that would make a GPU wait: all but the layout of rows by shared image, which reads its size
+    on CPU tensors only (``mmfuse.layers.common.context_slots``; on a GPU the keys are gathered instead)."""
+    return [s for s in stacks if "context_slots" not in s]
 
 
 def test_the_layout_by_shared_context_is_for_cpu_tensors_only():

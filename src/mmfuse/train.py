@@ -400,7 +400,7 @@ class Trainer:
         rng = torch.get_rng_state()
         loader = iter(self.batches.epoch(0))
         times: dict[str, list[float]] = {p: [] for p in precisions}
-        for i in range(batches + 1):  # the first batch warms up
+        for _ in range(batches + 1):  # the first batch warms up
             batch = next(loader, None)
             if batch is None:
                 break
@@ -410,13 +410,12 @@ class Trainer:
                 with autocast(self.device, precision):
                     out = self.task.step(self.model, batch)
                 out.loss.backward()
-                if i:
-                    times[precision].append(time.perf_counter() - t0)
+                times[precision].append(time.perf_counter() - t0)
                 self.model.zero_grad(set_to_none=True)
         self.model.load_state_dict(weights)
         torch.set_rng_state(rng)
-        # a split of one batch: its (only) warm-up time is all there is
-        return {p: statistics.median(t) if t else math.inf for p, t in times.items()}
+        # the warm-up batch's times left out, unless the split has no other batch
+        return {p: statistics.median(t[1:] or t) for p, t in times.items()}
 
     def _to_device(self, batch: Any) -> Any:
         if self.device.type == "cuda":

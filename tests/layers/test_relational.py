@@ -103,6 +103,26 @@ def test_shared_images_equal_gathering_first(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_shared_images_give_the_gradients_of_gathering_first(name):
+    """On CPU the questions may be laid out by image (multi_hop): its backward must match the gathered one."""
+    model = make(name).double()
+    image, text, image_mask, text_mask, index = batch()
+    image, text = image.double().requires_grad_(), text.double().requires_grad_()
+    inputs = [image, text, *model.parameters()]
+    probe = torch.randn(5, DIM, dtype=torch.double)
+
+    def grads(out):
+        return torch.autograd.grad((out.pooled * probe).sum(), inputs, allow_unused=True)
+
+    shared = grads(model(image, text, image_mask=image_mask, text_mask=text_mask, image_index=index))
+    gathered = grads(model(image[index], text, image_mask=image_mask[index], text_mask=text_mask))
+    for a, b in zip(shared, gathered, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("coordinates", [True, False])
 def test_coordinates_make_token_order_matter(name, coordinates):
     """Without coordinates both fusions are blind to where a token is (a permutation of the image tokens

@@ -19,6 +19,7 @@ __all__ = [
     "check_mask",
     "check_tokens",
     "concat_masks",
+    "context_slots",
     "gather_rows",
     "init_linear",
     "masked_mean",
@@ -84,6 +85,35 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     # range is checked once where the index enters (check_context_index).
     one_hot = (index[:, None] == torch.arange(x.shape[0], device=index.device)).to(x.dtype)  # (B, I)
     return (one_hot @ x.reshape(x.shape[0], -1)).reshape(index.shape[0], *x.shape[1:])
+
+
+def context_slots(index: Tensor, num_contexts: int, *, max_padding: float = 2.0) -> tuple[Tensor, int] | None:
+    """Slots that lay rows out by their context: row b goes to ``index[b] * per + (its rank among the rows
+    of context index[b])`` of an (num_contexts * per) layout, ``per`` the most rows any context has.
+
+    Then each context's keys serve all of its rows in one matrix product (``(I, per, ...) @ (I, ...)``),
+    where gathering them copies them once per row. None where that is not worth it or cannot be done:
+    a layout more than ``max_padding`` times the rows, no rows, a tensor off the CPU (reading ``per`` would
+    make the host wait for the device), a trace or ``torch.compile`` (``per`` is read from the data).
+    """
+    if (index.device.type != "cpu" or index.numel() == 0 or torch.jit.is_tracing()
+            or torch.compiler.is_compiling()):
+        return None
+    counts = torch.bincount(index, minlength=num_contexts)  # (I,)
+    per = int(counts.max())
+    if num_contexts * per > max_padding * index.numel():
+        return None
+    order = torch.argsort(index, stable=True)
+    first = counts.cumsum(0) - counts  # (I,) the first sorted position of each context's rows
+    sorted_rank = torch.arange(index.numel(), device=index.device) - first[index[order]]
+    rank = sorted_rank[torch.argsort(order)]  # back to the rows' order
+    return index * per + rank, per
+
+
+def to_slots(x: Tensor, slots: Tensor, size: int) -> Tensor:
+    """Rows of ``x`` (B, ...) placed at ``slots`` of a zero (size, ...) tensor; the inverse of :func:`take_rows`.
+    Its gradient is a selection (each slot holds one row), so no scatter-add."""
+    return x.new_zeros(size, *x.shape[1:]).index_copy(0, slots, x)
 
 
 def take_rows(x: Tensor, rows: Tensor) -> Tensor:

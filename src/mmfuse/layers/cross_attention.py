@@ -32,9 +32,11 @@ from mmfuse.layers.common import (
     check_context_index,
     check_mask,
     check_tokens,
+    context_slots,
     gather_rows,
     init_linear,
     take_rows,
+    to_slots,
     trust_inputs,
     zero_padding,
 )
@@ -180,23 +182,14 @@ class CrossAttention(nn.Module):
         cross-attention, forward and backward, took 6-10 ms against 14-20 ms). Reading ``per`` waits for
         the device, so only on CPU.
         """
-        if (q.device.type != "cpu" or index.numel() == 0 or self.attn.proj_k is not None
-                or torch.jit.is_tracing() or torch.compiler.is_compiling()):  # a shape read from data
+        if q.device.type != "cpu" or self.attn.proj_k is not None:
             return None
         math_runs = self.attn.impl == "math" or (
             self.attn.impl == "auto" and explicit_on_cpu(q.dtype, q.device, q.shape[1], Nk))
         # fp32/fp64: in bf16 the gathered keys' products were the faster (10.5-12.9 ms against 13.2-14.8 ms)
         if not math_runs or q.dtype not in (torch.float32, torch.float64):
             return None
-        counts = torch.bincount(index, minlength=I)  # (I,)
-        per = int(counts.max())
-        if I * per > 2 * index.numel():
-            return None
-        order = torch.argsort(index, stable=True)
-        first = counts.cumsum(0) - counts  # (I,) the first sorted position of each context's rows
-        sorted_rank = torch.arange(index.numel(), device=index.device) - first[index[order]]
-        rank = sorted_rank[torch.argsort(order)]  # back to the rows' order
-        return index * per + rank, per
+        return context_slots(index, I)
 
     def _attend_by_context(self, q: Tensor, context: Tensor, image_mask: Tensor | None, slots: Tensor, per: int, *,
                            need_weights: bool) -> tuple[Tensor, Tensor | None]:
@@ -210,9 +203,9 @@ class CrossAttention(nn.Module):
         k = self.k_proj(context).view(I, Nk, H, Dh).transpose(1, 2)  # (I, H, Nk, Dh)
         v = self.v_proj(context).view(I, Nk, H, Dh).transpose(1, 2)  # (I, H, Nk, Dh)
         k, v, image_mask = self._with_null(k, v, image_mask)  # (I, H, Nk [+ 1], Dh)
-        # index_copy and take_rows: their gradients move each row once (the slots are distinct), with no
+        # to_slots and take_rows: their gradients move each row once (the slots are distinct), with no
         # scatter-add, whose order of accumulation on several threads would make runs differ.
-        grouped = q.new_zeros(I * per, Nq, self.dim).index_copy(0, slots, q)  # (I * per, Nq, dim)
+        grouped = to_slots(q, slots, I * per)  # (I * per, Nq, dim)
         grouped = grouped.view(I, per * Nq, H, Dh).transpose(1, 2)  # (I, H, per * Nq, Dh)
         out, weights = attend(grouped, k, v, key_padding_mask=image_mask, need_weights=need_weights, impl="math",
                               dropout_p=self.attn.dropout if self.training else 0.0)

@@ -37,9 +37,12 @@ from mmfuse.layers.common import (
     check_context_index,
     check_mask,
     check_tokens,
+    context_slots,
     gather_rows,
     init_linear,
     masked_mean,
+    take_rows,
+    to_slots,
     trust_inputs,
 )
 from mmfuse.layers.cross_attention import AttentionBlock, apply_blocks
@@ -423,20 +426,39 @@ class MultiHopReader(nn.Module):
         if image_index is not None and keep is not None:
             keep = keep.index_select(0, image_index)  # (B, N)
 
-        def per_question(x: Tensor) -> Tensor:
-            return x if image_index is None else gather_rows(x, image_index)  # (I, ...) -> (B, ...)
+        # With shared images, on CPU the questions are laid out by image, (I, H, per, ...), so each image's
+        # keys and values serve all of its questions in one product; otherwise they are gathered per question.
+        slots = None if image_index is None else context_slots(image_index, I)
+
+        def scores(query: Tensor, keys: Tensor) -> Tensor:  # (B, H, D) x (I, H, D, N) -> (B, H, N)
+            if image_index is None:
+                return (query[:, :, None] @ keys).squeeze(-2)
+            if slots is None:
+                return (query[:, :, None] @ gather_rows(keys, image_index)).squeeze(-2)
+            rows, per = slots
+            laid = to_slots(query, rows, I * per).view(I, per, H, D).transpose(1, 2)  # (I, H, per, D)
+            return take_rows((laid @ keys).transpose(1, 2).reshape(I * per, H, N), rows)
+
+        def read_values(attn: Tensor, values: Tensor) -> Tensor:  # (B, H, N) x (I, H, N, D) -> (B, H * D)
+            if image_index is None:
+                return (attn[:, :, None] @ values).reshape(B, H * D)
+            if slots is None:
+                return (attn[:, :, None] @ gather_rows(values, image_index)).reshape(B, H * D)
+            rows, per = slots
+            laid = to_slots(attn, rows, I * per).view(I, per, H, N).transpose(1, 2)  # (I, H, per, N)
+            return take_rows((laid @ values).transpose(1, 2).reshape(I * per, H * D), rows)
 
         q = self.question(masked_mean(text_tokens, text_mask))  # (B, dim)
         memory = [q]
         weights = []
         for k in range(K):
             control = self.controls[k](torch.cat(memory, dim=-1))  # (B, dim)
-            query = self.queries[k](control).view(B, H, 1, D)  # (B, H, 1, D)
-            logits = (query @ per_question(keys[k])).squeeze(-2) / math.sqrt(D)  # (B, H, N)
+            query = self.queries[k](control).view(B, H, D)  # (B, H, D)
+            logits = scores(query, keys[k]) / math.sqrt(D)  # (B, H, N)
             if keep is not None:
                 logits = logits.masked_fill(~keep[:, None], float("-inf"))
             attn = logits.softmax(dim=-1).nan_to_num(0.0)  # (B, H, N); a row with nothing kept reads zeros
-            read = (attn[:, :, None] @ per_question(values[k])).reshape(B, H * D)  # (B, dim)
+            read = read_values(attn, values[k])  # (B, dim)
             where = (attn @ coords[:, :self.where_dim]).reshape(B, H * self.where_dim)  # (B, H * 3) or (B, 0)
             count = torch.sigmoid(logits).sum(dim=-1) / max(N, 1)  # (B, H); masked logits are -inf -> 0
             memory.append(torch.cat([self.outs[k](read), where, count], dim=-1))
