@@ -511,10 +511,10 @@ class MultiHopFusion(Fusion):
     attention_layout = HOPS_TO_IMAGE
 
     def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, num_heads: int = 8, depth: int = 2,
-                 coordinates: bool = True, dropout: float = 0.1) -> None:
+                 coordinates: bool = True, dropout: float = 0.1, count_unit: float | None = None) -> None:
         super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
         self.reader = MultiHopReader(image_dim, text_dim, dim=dim, num_heads=num_heads, hops=depth,
-                                     coordinates=coordinates, dropout=dropout)
+                                     coordinates=coordinates, dropout=dropout, count_unit=count_unit)
         trust_inputs(self.reader)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,

@@ -294,5 +294,10 @@ def test_multi_hop_reads_positions_and_counts_from_its_weights():
     assert_close(where, grid_coordinates(9)[7].expand(HEADS, 3), atol=1e-3, rtol=0)
     # the soft count: token 7's sigmoid (~1) and eight sigmoid(0) = 0.5, over 9 tokens
     assert_close(read[DIM + HEADS * 3:], torch.full((HEADS,), 5 / 9), atol=1e-3, rtol=0)
+    reader.count_unit = 2.0  # the same sum, in units of two tokens
+    reader(image, text)
+    assert_close(memory["cat"][0, 2 * DIM + HEADS * 3:], torch.full((HEADS,), 5 / 2), atol=1e-3, rtol=0)
     with pytest.raises(ValueError, match="hops must be >= 1, got 0"):
         MultiHopReader(IMAGE_DIM, TEXT_DIM, hops=0)
+    with pytest.raises(ValueError, match="count_unit must be positive"):
+        MultiHopReader(IMAGE_DIM, TEXT_DIM, count_unit=0)
