@@ -19,6 +19,8 @@ def test_preset_sets_the_recipe_and_flags_override_it():
     before = copy.deepcopy(PRESETS)
     train, model = apply_preset("sort-of-clevr", {"epochs": 1}, {"dim": 16, "fusion": "film"})
     assert train["epochs"] == 1 and model["dim"] == 16 and model["fusion"] == "film"
+    assert "fusion_options" not in model  # multi_hop's own arguments do not go to another fusion
+    assert apply_preset("sort-of-clevr", {}, {"dim": 16})[1]["fusion_options"] == {"count_unit": 8}
     train, model = apply_preset("sort-of-clevr", {}, {})
     assert train["epochs"] == PRESETS["sort-of-clevr"]["epochs"]
     assert model["fusion"] == "multi_hop" and model["cnn_coordinates"]

@@ -505,10 +505,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                             allow_data_change=args.allow_data_change, **overrides)
             out = Path(args.resume)
         else:
-            preset_train, preset_model = apply_preset(args.preset, {}, {}) if args.preset else ({}, {})
+            preset_train = apply_preset(args.preset, {}, {})[0] if args.preset else {}
             options = {**preset_train, **_train_options(args)}
             task = options.get("task", "vqa")
-            model = {**preset_model, **_model_options(args, task)}
+            model = _model_options(args, task)
+            if args.preset:
+                model = apply_preset(args.preset, {}, model)[1]
             # a task may bring its own recipe (e.g. caption); a preset and the flags given here win over it
             from mmfuse import tasks
 
