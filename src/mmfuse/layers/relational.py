@@ -334,6 +334,25 @@ class RelationNetwork(nn.Module):
         return self.f(pairs)  # (B, out_dim)
 
 
+def _shared_matmul(x: Tensor, y: Tensor, image_index: Tensor | None,
+                  slots: tuple[Tensor, int] | None = None) -> Tensor:
+    """``x[b] @ y[image_index[b]]``: x (B, H, r, c) per question, y (I, H, c, n) per image -> (B, H, r, n).
+
+    ``slots`` (from :func:`~mmfuse.layers.common.context_slots`) lays the questions out by image, so each
+    image's ``y`` serves all of its questions in one product; without them ``y`` is gathered per question.
+    Without ``image_index``, ``y`` holds one entry per question already.
+    """
+    if image_index is None:
+        return x @ y
+    if slots is None:
+        return x @ gather_rows(y, image_index)
+    rows, per = slots
+    (_, H, r, c), (I, n) = x.shape, (y.shape[0], y.shape[-1])
+    laid = to_slots(x, rows, I * per).view(I, per, H, r, c).transpose(1, 2).reshape(I, H, per * r, c)
+    out = (laid @ y).view(I, H, per, r, n).transpose(1, 2).reshape(I * per, H, r, n)
+    return take_rows(out, rows)  # (B, H, r, n)
+
+
 class MultiHopReader(nn.Module):
     """A question reads the image tokens in ``hops`` attention steps, each step's query built from the
     question and everything read so far (a small memory network over the image).
@@ -434,39 +453,21 @@ class MultiHopReader(nn.Module):
         if image_index is not None and keep is not None:
             keep = keep.index_select(0, image_index)  # (B, N)
 
-        # With shared images, on CPU the questions are laid out by image, (I, H, per, ...), so each image's
-        # keys and values serve all of its questions in one product; otherwise they are gathered per question.
+        # With shared images, on CPU the questions are laid out by image (context_slots), so each image's keys
+        # and values serve all of its questions in one product; otherwise they are gathered per question.
         slots = None if image_index is None else context_slots(image_index, I)
-
-        def scores(query: Tensor, keys: Tensor) -> Tensor:  # (B, H, D) x (I, H, D, N) -> (B, H, N)
-            if image_index is None:
-                return (query[:, :, None] @ keys).squeeze(-2)
-            if slots is None:
-                return (query[:, :, None] @ gather_rows(keys, image_index)).squeeze(-2)
-            rows, per = slots
-            laid = to_slots(query, rows, I * per).view(I, per, H, D).transpose(1, 2)  # (I, H, per, D)
-            return take_rows((laid @ keys).transpose(1, 2).reshape(I * per, H, N), rows)
-
-        def read_values(attn: Tensor, values: Tensor) -> Tensor:  # (B, H, N) x (I, H, N, D) -> (B, H * D)
-            if image_index is None:
-                return (attn[:, :, None] @ values).reshape(B, H * D)
-            if slots is None:
-                return (attn[:, :, None] @ gather_rows(values, image_index)).reshape(B, H * D)
-            rows, per = slots
-            laid = to_slots(attn, rows, I * per).view(I, per, H, N).transpose(1, 2)  # (I, H, per, N)
-            return take_rows((laid @ values).transpose(1, 2).reshape(I * per, H * D), rows)
 
         q = self.question(masked_mean(text_tokens, text_mask))  # (B, dim)
         memory = [q]
         weights = []
         for k in range(K):
             control = self.controls[k](torch.cat(memory, dim=-1))  # (B, dim)
-            query = self.queries[k](control).view(B, H, D)  # (B, H, D)
-            logits = scores(query, keys[k]) / math.sqrt(D)  # (B, H, N)
+            query = self.queries[k](control).view(B, H, 1, D)  # (B, H, 1, D)
+            logits = _shared_matmul(query, keys[k], image_index, slots).squeeze(-2) / math.sqrt(D)  # (B, H, N)
             if keep is not None:
                 logits = logits.masked_fill(~keep[:, None], float("-inf"))
             attn = logits.softmax(dim=-1).nan_to_num(0.0)  # (B, H, N); a row with nothing kept reads zeros
-            read = read_values(attn, values[k])  # (B, dim)
+            read = _shared_matmul(attn[:, :, None], values[k], image_index, slots).reshape(B, H * D)  # (B, dim)
             where = (attn @ coords[:, :self.where_dim]).reshape(B, H * self.where_dim)  # (B, H * 3) or (B, 0)
             # (B, H); masked logits are -inf -> 0
             count = torch.sigmoid(logits).sum(dim=-1) / (self.count_unit or max(N, 1))
