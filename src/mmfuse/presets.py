@@ -32,7 +32,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Sort-of-CLEVR (Santoro et al. 2017): six small objects, relational questions. See the README's
     # "Relational reasoning: Sort-of-CLEVR" for the ablation behind each choice.
     "sort-of-clevr": {
-        # 32 epochs: 24 left two of four runs short of the relational target; 32 took 8-12 minutes on 2 cores.
+        # 32 epochs: 24 left two of four runs short of the relational target; 32 took 7-12 minutes on 2 cores.
         "epochs": 32,
         "model": {
             # Attention hops of the whole question over the image tokens: the first finds the named object,
@@ -45,7 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "cnn_coordinates": True,
             "head_hidden": 0,  # the reader ends in an MLP already
             # Soft counts in units of 8 tokens, not the mean over 64: "how many" was learned for every colour
-            # in all three runs with it, and stayed at 79-84% (all or some colours) in two of four runs without.
+            # in all four runs with it, and stayed at 79-84% (all or some colours) in two of four runs without.
             "fusion_options": {"count_unit": 8},
         },
     },
