@@ -98,6 +98,13 @@ class CrossAttention(nn.Module):
             nn.init.zeros_(self.null_k)
             nn.init.zeros_(self.null_v)
 
+    def _keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """The context (N, Nk, context_dim) projected to keys and values, (N, H, Nk, Dh) each."""
+        N, Nk, _ = context.shape
+        k = self.k_proj(context).view(N, Nk, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(context).view(N, Nk, self.num_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
     def _with_null(self, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """(k, v) (N, H, Nk, Dh) with the null key and value appended, and the mask (N, Nk) with it kept."""
         if self.null_k is None:
@@ -150,8 +157,7 @@ class CrossAttention(nn.Module):
         if cache is not None and cache.full:
             k, v = cache.k, cache.v  # the context was projected (and its padding zeroed) at the first step
         else:
-            k = self.k_proj(context).view(I, Nk, H, Dh).transpose(1, 2)  # (I, H, Nk, Dh)
-            v = self.v_proj(context).view(I, Nk, H, Dh).transpose(1, 2)  # (I, H, Nk, Dh)
+            k, v = self._keys_values(context)  # (I, H, Nk, Dh) each
             if context_index is not None:
                 k, v = gather_rows(k, context_index), gather_rows(v, context_index)  # (B, H, Nk, Dh)
             if cache is not None:
@@ -172,17 +178,15 @@ class CrossAttention(nn.Module):
         return out
 
     def _context_slots(self, q: Tensor, index: Tensor, I: int, Nk: int) -> tuple[Tensor, int] | None:
-        """Where each query row goes when the rows are laid out by context, or None to gather instead.
+        """:func:`~mmfuse.layers.common.context_slots` of the query rows, or None to gather instead.
 
-        Row b becomes row ``index[b] * per + (its rank among the rows of its context)`` of an (I * per)
-        layout, ``per`` the most rows any context has. Used in fp32/fp64 where the explicit attention runs
-        (``math``, or ``auto`` where :func:`~mmfuse.attention.explicit_on_cpu` holds for one row's scores)
-        and the layout pads at most 2x: then each context's keys and values serve all of its rows in one
-        matrix product, instead of being copied once per row (on a 2-core CPU the default VQA model's
-        cross-attention, forward and backward, took 6-10 ms against 14-20 ms). Reading ``per`` waits for
-        the device, so only on CPU.
+        Used in fp32/fp64 where the explicit attention runs (``math``, or ``auto`` where
+        :func:`~mmfuse.attention.explicit_on_cpu` holds for one row's scores): then each context's keys and
+        values serve all of its rows in one matrix product, instead of being copied once per row (on a
+        2-core CPU the default VQA model's cross-attention, forward and backward, took 6-10 ms against
+        14-20 ms). ``context_slots`` itself declines off the CPU, where reading the layout size would wait.
         """
-        if q.device.type != "cpu" or self.attn.proj_k is not None:
+        if self.attn.proj_k is not None:
             return None
         math_runs = self.attn.impl == "math" or (
             self.attn.impl == "auto" and explicit_on_cpu(q.dtype, q.device, q.shape[1], Nk))
@@ -198,11 +202,9 @@ class CrossAttention(nn.Module):
         Returns the heads' outputs (B, Nq, dim) and the weights (B, H, Nq, Nk) when asked for. Exact: the
         layout's empty rows are zeros whose outputs are dropped, so they add nothing to any gradient.
         """
-        Nq, (I, Nk, _) = q.shape[1], context.shape
+        Nq, I = q.shape[1], context.shape[0]
         H, Dh = self.num_heads, self.head_dim
-        k = self.k_proj(context).view(I, Nk, H, Dh).transpose(1, 2)  # (I, H, Nk, Dh)
-        v = self.v_proj(context).view(I, Nk, H, Dh).transpose(1, 2)  # (I, H, Nk, Dh)
-        k, v, image_mask = self._with_null(k, v, image_mask)  # (I, H, Nk [+ 1], Dh)
+        k, v, image_mask = self._with_null(*self._keys_values(context), image_mask)  # (I, H, Nk [+ 1], Dh) each
         # to_slots and take_rows: their gradients move each row once (the slots are distinct), with no
         # scatter-add, whose order of accumulation on several threads would make runs differ.
         grouped = to_slots(q, slots, I * per)  # (I * per, Nq, dim)

@@ -335,7 +335,7 @@ class RelationNetwork(nn.Module):
 
 
 def _shared_matmul(x: Tensor, y: Tensor, image_index: Tensor | None,
-                  slots: tuple[Tensor, int] | None = None) -> Tensor:
+                   slots: tuple[Tensor, int] | None = None) -> Tensor:
     """``x[b] @ y[image_index[b]]``: x (B, H, r, c) per question, y (I, H, c, n) per image -> (B, H, r, n).
 
     ``slots`` (from :func:`~mmfuse.layers.common.context_slots`) lays the questions out by image, so each
