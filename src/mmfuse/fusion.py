@@ -506,15 +506,18 @@ class RelationalTransformerFusion(Fusion):
 class MultiHopFusion(Fusion):
     """:class:`~mmfuse.layers.relational.MultiHopReader`: the question reads the image tokens in
     ``depth`` attention hops, each hop's query built from the question and the earlier reads (keys and
-    values once per image). ``out.attention``: every hop's weights, (B, H, hops, Ni)."""
+    values once per image); ``distance_bias`` lets hops 2+ score tokens by their squared distance from a
+    position an earlier hop read. ``out.attention``: every hop's weights, (B, H, hops, Ni)."""
 
     attention_layout = HOPS_TO_IMAGE
 
     def __init__(self, *, image_dim: int, text_dim: int, dim: int = 256, num_heads: int = 8, depth: int = 2,
-                 coordinates: bool = True, dropout: float = 0.1, count_unit: float | None = None) -> None:
+                 coordinates: bool = True, dropout: float = 0.1, count_unit: float | None = None,
+                 distance_bias: bool = False) -> None:
         super().__init__(image_dim=image_dim, text_dim=text_dim, out_dim=dim)
         self.reader = MultiHopReader(image_dim, text_dim, dim=dim, num_heads=num_heads, hops=depth,
-                                     coordinates=coordinates, dropout=dropout, count_unit=count_unit)
+                                     coordinates=coordinates, dropout=dropout, count_unit=count_unit,
+                                     distance_bias=distance_bias)
         trust_inputs(self.reader)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,

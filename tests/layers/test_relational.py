@@ -102,10 +102,12 @@ def test_shared_images_equal_gathering_first(name):
         assert_close(shared.attention.sum(-1), torch.ones(5, HEADS, rows))
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_shared_images_give_the_gradients_of_gathering_first(name):
+@pytest.mark.parametrize("name, options", [(n, {}) for n in NAMES] + [("multi_hop", {"distance_bias": True})])
+def test_shared_images_give_the_gradients_of_gathering_first(name, options):
     """On CPU the questions may be laid out by image (multi_hop): its backward must match the gathered one."""
-    model = make(name).double()
+    model = make(name, **options).double()
+    for m in getattr(getattr(model, "reader", None), "distance_scale", ()):
+        torch.nn.init.normal_(m.weight)  # zero at initialisation: give the distance term a gradient to check
     image, text, image_mask, text_mask, index = batch()
     image, text = image.double().requires_grad_(), text.double().requires_grad_()
     inputs = [image, text, *model.parameters()]
@@ -301,3 +303,41 @@ def test_multi_hop_reads_positions_and_counts_from_its_weights():
         MultiHopReader(IMAGE_DIM, TEXT_DIM, hops=0)
     with pytest.raises(ValueError, match="count_unit must be positive"):
         MultiHopReader(IMAGE_DIM, TEXT_DIM, count_unit=0)
+
+
+def test_multi_hop_distance_bias_scores_tokens_by_their_distance_from_an_earlier_read():
+    """From hop 2 on, distance_bias adds s * |p_i - m|^2 (grid cells) to the logits, m a point an earlier
+    hop read: s < 0 draws the hop to where hop 1 landed, s > 0 to the tokens furthest from it. At
+    initialisation s = 0: the reader computes what it computes without the term."""
+    torch.manual_seed(0)
+    plain = MultiHopReader(IMAGE_DIM, TEXT_DIM, dim=DIM, num_heads=HEADS, hops=2).eval()
+    reader = MultiHopReader(IMAGE_DIM, TEXT_DIM, dim=DIM, num_heads=HEADS, hops=2, distance_bias=True).eval()
+    missing, unexpected = reader.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and {k.split(".")[0] for k in missing} == {"reference", "distance_scale"}
+    image, text = torch.randn(1, 9, IMAGE_DIM), torch.randn(1, 2, TEXT_DIM)
+    assert_close(reader(image, text), plain(image, text))
+    with torch.no_grad():  # hop 1 lands on token 7 (as in the test above); hop 2's own query reads nothing
+        image[..., 0] = 0.0
+        image[0, 7, 0] = 1.0
+        reader.image[0].weight.zero_()
+        reader.image[0].weight[0, 0] = 1.0
+        reader.coord_keys.weight.zero_()
+        reader.keys.weight.zero_()
+        reader.keys.bias.zero_()
+        reader.keys.weight[:DIM, 0] = 1.0
+        reader.queries[0].weight.zero_()
+        reader.queries[0].bias.fill_(50.0)
+        reader.queries[1].weight.zero_()
+        reader.queries[1].bias.zero_()
+    centre = grid_coordinates(9)[7, :2]  # (0, 2/3): bottom row, middle column
+    squared = (grid_coordinates(9)[:, :2] - centre).mul(1.5).square().sum(-1)  # 3 x 3 grid: 1.5 cells per unit
+    memory = {}
+    reader.readout.register_forward_hook(lambda m, args, out: memory.update(cat=args[0]))
+    for scale in (-4.0, 4.0):
+        with torch.no_grad():
+            reader.distance_scale[0].bias.fill_(scale)
+        _, weights = reader(image, text)
+        assert_close(weights[0, :, 1], (scale * squared).softmax(-1).expand(HEADS, 9))
+        # hop 2's soft counts come from its content logits (all 0 here: sigmoid 0.5), not the distance term
+        assert_close(memory["cat"][0, -HEADS:], torch.full((HEADS,), 0.5))
+    assert weights[0, :, 1, [0, 2]].min() > 0.49  # "furthest": the two top corners

@@ -365,6 +365,15 @@ class MultiHopReader(nn.Module):
     - read ``r_k = [O concat_h(sum_i a_hi V_h x_i); sum_i a_hi p_i for each h; sum_i sigmoid(l_hi) / u
       for each h]``, ``u`` = ``count_unit`` (default N: the mean).
 
+    ``distance_bias``: from the second hop on, each head also scores every token by its squared distance,
+    in grid cells, from a point read earlier: ``l_hi += s_h(c_k) |p_i - m_h|^2``, where
+    ``m_h = sum_j b_hj(c_k) w_j`` mixes the positions ``w_j = sum_i a_ji p_i`` read by every earlier hop's
+    heads (``b_h = softmax(B c_k)``) and ``s_h = S c_k`` (zero at initialisation) is signed: "closest to"
+    needs s < 0, "furthest from" s > 0. Without it the same score must be learned as a product of the
+    query (through the control MLP) with the coordinate keys; with it one scalar per head does. The term
+    moves the softmax only: the soft counts stay sums over the logits without it (what is counted is what
+    a token shows, not how far it lies from an earlier read).
+
     ``coordinates=False`` leaves ``p_i`` out of the keys and the reads: the reader is then blind to where
     a token is (the ablation of the coordinates).
 
@@ -392,7 +401,8 @@ class MultiHopReader(nn.Module):
     validate_inputs: bool = True  # False inside a fusion, which checks its inputs once
 
     def __init__(self, image_dim: int, text_dim: int, *, dim: int = 64, num_heads: int = 4, hops: int = 2,
-                 coordinates: bool = True, dropout: float = 0.0, count_unit: float | None = None) -> None:
+                 coordinates: bool = True, dropout: float = 0.0, count_unit: float | None = None,
+                 distance_bias: bool = False) -> None:
         super().__init__()
         if hops < 1:
             raise ValueError(f"hops must be >= 1, got {hops}")
@@ -418,12 +428,18 @@ class MultiHopReader(nn.Module):
         self.outs = nn.ModuleList(nn.Linear(dim, dim) for _ in range(hops))
         self.readout = nn.Sequential(nn.Linear(dim + hops * read_dim, 2 * dim), nn.GELU(), nn.Dropout(dropout),
                                      nn.Linear(2 * dim, dim))
+        self.distance_bias = distance_bias
+        if distance_bias:  # hop k (from 1): which earlier head's position each head measures from, and how
+            self.reference = nn.ModuleList(nn.Linear(dim, num_heads * k * num_heads) for k in range(1, hops))
+            self.distance_scale = nn.ModuleList(nn.Linear(dim, num_heads) for _ in range(1, hops))
         self.init_weights()
 
     def init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 init_linear(m)
+        for m in getattr(self, "distance_scale", ()):  # no distance term until the question asks for one
+            nn.init.zeros_(m.weight)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, *, image_mask: Tensor | None = None,
                 text_mask: Tensor | None = None, image_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -460,17 +476,33 @@ class MultiHopReader(nn.Module):
         q = self.question(masked_mean(text_tokens, text_mask))  # (B, dim)
         memory = [q]
         weights = []
+        points = []  # with distance_bias: (B, H, 2) the (x, y) each earlier hop's heads read
         for k in range(K):
             control = self.controls[k](torch.cat(memory, dim=-1))  # (B, dim)
             query = self.queries[k](control).view(B, H, 1, D)  # (B, H, 1, D)
             logits = _shared_matmul(query, keys[k], image_index, slots).squeeze(-2) / math.sqrt(D)  # (B, H, N)
             if keep is not None:
                 logits = logits.masked_fill(~keep[:, None], float("-inf"))
+            # (B, H) soft counts from the content logits alone; masked logits are -inf -> 0
+            count = torch.sigmoid(logits).sum(dim=-1) / (self.count_unit or max(N, 1))
+            if self.distance_bias and k > 0:
+                logits = logits + self._distance_term(control, torch.cat(points, dim=1), coords, k)
             attn = logits.softmax(dim=-1).nan_to_num(0.0)  # (B, H, N); a row with nothing kept reads zeros
             read = _shared_matmul(attn[:, :, None], values[k], image_index, slots).reshape(B, H * D)  # (B, dim)
             where = (attn @ coords[:, :self.where_dim]).reshape(B, H * self.where_dim)  # (B, H * 3) or (B, 0)
-            # (B, H); masked logits are -inf -> 0
-            count = torch.sigmoid(logits).sum(dim=-1) / (self.count_unit or max(N, 1))
             memory.append(torch.cat([self.outs[k](read), where, count], dim=-1))
             weights.append(attn)
+            if self.distance_bias:
+                points.append(attn @ coords[:, :2])  # (B, H, 2)
         return self.readout(torch.cat(memory, dim=-1)), torch.stack(weights, dim=2)  # (B, dim), (B, H, hops, N)
+
+    def _distance_term(self, control: Tensor, points: Tensor, coords: Tensor, k: int) -> Tensor:
+        """(B, H, N) ``s_h |p_i - m_h|^2`` of hop ``k`` >= 1 (see the class docstring); ``points`` (B, k * H, 2)
+        are the earlier heads' read positions, ``coords`` (N, 3) the grid's."""
+        B, H, N = control.shape[0], self.num_heads, coords.shape[0]
+        mix = self.reference[k - 1](control).view(B, H, k * H).softmax(dim=-1)  # (B, H, k * H)
+        centre = mix @ points  # (B, H, 2)
+        # |p_i - m|^2 = |p_i|^2 - 2 p_i . m + |m|^2 (coords[:, 2] = |p_i|^2): one (B, H, 2) x (2, N) product
+        squared = (centre @ coords[:, :2].T).mul_(-2.0).add_(coords[:, 2]).add_(centre.square().sum(-1, keepdim=True))
+        cells = (math.isqrt(N) / 2.0) ** 2  # coordinates span 2: squared distances in grid cells
+        return (self.distance_scale[k - 1](control) * cells)[:, :, None] * squared  # (B, H, N)
