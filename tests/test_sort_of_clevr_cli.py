@@ -20,7 +20,9 @@ def test_preset_sets_the_recipe_and_flags_override_it():
     train, model = apply_preset("sort-of-clevr", {"epochs": 1}, {"dim": 16, "fusion": "film"})
     assert train["epochs"] == 1 and model["dim"] == 16 and model["fusion"] == "film"
     assert "fusion_options" not in model  # multi_hop's own arguments do not go to another fusion
-    assert apply_preset("sort-of-clevr", {}, {"dim": 16})[1]["fusion_options"] == {"count_unit": 8}
+    assert apply_preset("sort-of-clevr", {}, {"dim": 16})[1]["fusion_options"] == {"count_unit": 8,
+                                                                                   "distance_bias": True}
+    assert apply_preset("sort-of-clevr", {"lr": 1e-3}, {})[0]["lr"] == 1e-3
     train, model = apply_preset("sort-of-clevr", {}, {})
     assert train["epochs"] == PRESETS["sort-of-clevr"]["epochs"]
     assert model["fusion"] == "multi_hop" and model["cnn_coordinates"]
@@ -38,13 +40,15 @@ def test_make_dataset_train_with_preset_evaluate_by_kind(tmp_path, capsys):
     assert main(["train", "--preset", "sort-of-clevr", "--data", str(data), "--out", str(run), "--epochs", "1",
                  "--image-size", "32", "--dim", "16", "--num-heads", "2", "--threads", "1", "--no-progress",
                  "--warmup-steps", "1", "--images-per-batch", "4",
-                 "--depth", "3", "--fusion-options", '{"coordinates": false}']) == 0
+                 "--depth", "3", "--fusion-options", '{"coordinates": false, "distance_bias": true}']) == 0
     capsys.readouterr()
     model = VQAModel.from_pretrained(run)
     assert model.config.fusion == PRESETS["sort-of-clevr"]["model"]["fusion"]
     assert model.config.dim == 16 and model.config.image_size == 32  # flags over the preset
-    assert model.config.fusion_options == {"coordinates": False} and model.config.cnn_coordinates
-    assert model.fusion.reader.hops == 3 and model.fusion.reader.coord_keys is None
+    assert model.config.fusion_options == {"coordinates": False, "distance_bias": True}
+    assert model.config.cnn_coordinates
+    reader = model.fusion.reader
+    assert reader.hops == 3 and reader.coord_keys is None and len(reader.distance_scale) == 2  # hops 2 and 3
     assert main(["evaluate", "--checkpoint", str(run), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["num_examples"] == 60
