@@ -35,7 +35,8 @@ def test_preset_sets_the_recipe_and_flags_override_it():
 def test_make_dataset_train_with_preset_evaluate_by_kind(tmp_path, capsys):
     data, run = tmp_path / "soc", tmp_path / "run"
     assert main(["make-dataset", "sort-of-clevr", "--out", str(data), "--train-images", "8", "--test-images", "3",
-                 "--image-size", "48", "--object-radius", "3", "--seed", "1"]) == 0
+                 "--image-size", "48", "--object-radius", "3", "--seed", "1", "--background", "0,0,0"]) == 0
+    assert json.loads((data / "objects.json").read_text())["background"] == [0, 0, 0]
     assert str(data) in capsys.readouterr().out
     assert main(["train", "--preset", "sort-of-clevr", "--data", str(data), "--out", str(run), "--epochs", "1",
                  "--image-size", "32", "--dim", "16", "--num-heads", "2", "--threads", "1", "--no-progress",
@@ -57,6 +58,13 @@ def test_make_dataset_train_with_preset_evaluate_by_kind(tmp_path, capsys):
     assert summary["accuracy"] == pytest.approx(sum(by_kind.values()) / 2)  # 30 questions of each kind
     assert main(["evaluate", "--checkpoint", str(run)]) == 0
     assert "relational" in capsys.readouterr().out
+
+
+def test_background_must_be_three_bytes(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["make-dataset", "sort-of-clevr", "--out", str(tmp_path / "x"), "--background", "0,0,300"])
+    assert e.value.code == 2
+    assert "expected three integers in 0-255 such as 0,0,0, got '0,0,300'" in capsys.readouterr().err
 
 
 def test_fusion_options_must_be_a_json_object(capsys):

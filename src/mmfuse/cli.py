@@ -213,6 +213,13 @@ def _levels(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated block numbers such as 2,3,4,5, got {text!r}") from e
 
 
+def _rgb(text: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    if len(parts) == 3 and all(x.strip().isdigit() and int(x) <= 255 for x in parts):
+        return int(parts[0]), int(parts[1]), int(parts[2])
+    raise argparse.ArgumentTypeError(f"expected three integers in 0-255 such as 0,0,0, got {text!r}")
+
+
 def _add_classify_args(p: argparse.ArgumentParser) -> None:
     """The classify task's model flags (the other classifier settings share the VQA flags' names)."""
     from mmfuse.models.classifier import BACKBONES
@@ -420,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="default: 64 (relational, context), 75 (sort-of-clevr)")
     p.add_argument("--objects", type=int, default=4, help="objects per image (relational, context; captions: at most)")
     p.add_argument("--object-radius", type=int, default=5, help="half the object width in pixels (sort-of-clevr)")
+    p.add_argument("--background", type=_rgb, default=(255, 255, 255), metavar="R,G,B",
+                   help="sort-of-clevr: the fill behind the objects (default: 255,255,255, the paper's white)")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     p.add_argument("--context", choices=["text", "image"], default="text",
                    help="context: name the object's colour (text) or show it (an image)")
@@ -797,7 +806,8 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
     if args.kind == "sort-of-clevr":
         from mmfuse.data.sort_of_clevr import write_sort_of_clevr
 
-        root = write_sort_of_clevr(args.out, object_radius=args.object_radius, seed=args.seed, **sizes)
+        root = write_sort_of_clevr(args.out, object_radius=args.object_radius, seed=args.seed,
+                                   background=args.background, **sizes)
     else:
         from mmfuse.data.relational import write_relational_dataset
 

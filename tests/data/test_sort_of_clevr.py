@@ -118,12 +118,24 @@ def test_other_sizes_and_the_loader_keeps_kinds(tmp_path: Path) -> None:
     assert Image.open(root / "images/00000.png").size == (128, 128)
 
 
+def test_background_changes_the_pixels_behind_the_objects_only(dataset: Path, tmp_path: Path) -> None:
+    dark = write_sort_of_clevr(tmp_path / "dark", num_train_images=12, num_test_images=4, seed=3,
+                               background=(10, 20, 30), progress=False)
+    assert (dark / "train.jsonl").read_bytes() == (dataset / "train.jsonl").read_bytes()  # same scenes, questions
+    assert json.loads((dark / "objects.json").read_text())["background"] == [10, 20, 30]
+    white = np.asarray(Image.open(dataset / "images/00000.png").convert("RGB"))
+    pixels = np.asarray(Image.open(dark / "images/00000.png").convert("RGB"))
+    behind = (white == 255).all(axis=-1)
+    assert (pixels[behind] == [10, 20, 30]).all() and (pixels[~behind] == white[~behind]).all()
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"num_train_images": 0}, "num_train_images"),
     ({"object_radius": 1}, "object_radius must be >= 2"),
     ({"image_size": 40}, r"image_size must be >= 4 .* = 44"),
     ({"questions_per_kind": 19}, r"questions_per_kind must be in \[1, 18\]"),
+    ({"background": (0, 0, 256)}, r"background must be three integers in \[0, 255\]"),
 ])
-def test_bad_arguments(tmp_path: Path, kwargs: dict[str, int], match: str) -> None:
+def test_bad_arguments(tmp_path: Path, kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         write_sort_of_clevr(tmp_path / "x", **kwargs)

@@ -6,13 +6,13 @@ reasoning", arXiv:1706.01427, section 4 and appendix).
 ``"non-relational"``) and ``root/objects.json``, the ground truth of every scene, so the answers can be
 recomputed independently::
 
-    {"image_size": 75, "object_radius": 5, "colors": {"red": [255, 0, 0], ...},
+    {"image_size": 75, "object_radius": 5, "background": [255, 255, 255], "colors": {"red": [255, 0, 0], ...},
      "images": {"images/00000.png": [{"color": "red", "shape": "square", "center": [12, 40]}, ...]}}
 
 ``center`` is ``[x, y]`` in pixels, y pointing down; an object covers the ``2 * radius`` pixels
 ``center - radius .. center + radius - 1`` along each axis (a circle is inscribed in that square).
 
-**Scenes** (the paper's): a white ``image_size`` square (75 px) holds six objects, one of each colour
+**Scenes** (the paper's): a white (``background``) ``image_size`` square (75 px) holds six objects, one of each colour
 of :data:`PAPER_COLORS`, each a square or a circle (a fair coin), at uniformly random integer centres
 inside the image. Objects never overlap: their squares keep at least one pixel apart. A scene is
 redrawn when, for some object, the closest or the furthest other object is not unique (two centres
@@ -118,15 +118,20 @@ def write_sort_of_clevr(
     object_radius: int = 5,
     questions_per_kind: int = 10,
     seed: int = 0,
+    background: tuple[int, int, int] = (255, 255, 255),
     progress: bool | None = None,
 ) -> Path:
     """Write the dataset described in the module docstring into ``root`` and return ``root``.
 
     The defaults are the paper's (10,000 images, 75 px, radius 5, 10 + 10 questions per image). The
-    same arguments give the same files. ``progress``: a tqdm bar on stderr; ``None`` shows it only when
-    stderr is a terminal. Raises ``ValueError`` if an argument is out of range.
+    same arguments give the same files. ``background``: the RGB fill behind the objects (the paper's is
+    white; another tests whether a model carries over to images drawn in another style). ``progress``: a
+    tqdm bar on stderr; ``None`` shows it only when stderr is a terminal. Raises ``ValueError`` if an
+    argument is out of range.
     """
     _check_args(num_train_images, num_test_images, image_size, object_radius, questions_per_kind)
+    if len(background) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in background):
+        raise ValueError(f"background must be three integers in [0, 255] (R, G, B), got {background!r}")
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -139,7 +144,7 @@ def write_sort_of_clevr(
     for i in tqdm(range(total), desc="sort-of-clevr", unit="img", disable=disable, leave=False):
         scene = sample_scene(rng, image_size, object_radius)
         name = f"images/{i:0{width}d}.png"
-        draw_scene(scene, image_size, object_radius).save(root / name)
+        draw_scene(scene, image_size, object_radius, background=tuple(background)).save(root / name)
         scenes[name] = [{"color": o.color, "shape": o.shape, "center": [int(v) for v in o.center]} for o in scene]
         split = "train" if i < num_train_images else "test"
         for kind in KINDS:
@@ -151,7 +156,7 @@ def write_sort_of_clevr(
 
     # The split files go last: a directory holding them holds a whole dataset.
     atomic_write_text(root / "objects.json", json.dumps(
-        {"image_size": image_size, "object_radius": object_radius,
+        {"image_size": image_size, "object_radius": object_radius, "background": list(background),
          "colors": {c: list(v) for c, v in PAPER_COLORS.items()}, "images": scenes}) + "\n")
     for split, lines in rows.items():
         atomic_write_text(root / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in lines))
@@ -203,9 +208,10 @@ def _unambiguous(scene: Scene) -> bool:
 
 
 def draw_scene(scene: Scene, image_size: int, radius: int,
-               colors: dict[str, tuple[int, int, int]] = PAPER_COLORS) -> Image.Image:
-    """The RGB image of ``scene``: each object fills the square ``center - r .. center + r - 1``."""
-    image = Image.new("RGB", (image_size, image_size), _BACKGROUND)
+               colors: dict[str, tuple[int, int, int]] = PAPER_COLORS,
+               background: tuple[int, int, int] = _BACKGROUND) -> Image.Image:
+    """The RGB image of ``scene`` on ``background``: each object fills the square ``center - r .. center + r - 1``."""
+    image = Image.new("RGB", (image_size, image_size), background)
     draw = ImageDraw.Draw(image)
     for o in scene:
         x0, y0 = int(o.center[0]) - radius, int(o.center[1]) - radius
