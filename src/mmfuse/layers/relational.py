@@ -489,11 +489,11 @@ class MultiHopReader(nn.Module):
                 logits = logits + self._distance_term(control, torch.cat(points, dim=1), coords, k)
             attn = logits.softmax(dim=-1).nan_to_num(0.0)  # (B, H, N); a row with nothing kept reads zeros
             read = _shared_matmul(attn[:, :, None], values[k], image_index, slots).reshape(B, H * D)  # (B, dim)
-            where = (attn @ coords[:, :self.where_dim]).reshape(B, H * self.where_dim)  # (B, H * 3) or (B, 0)
-            memory.append(torch.cat([self.outs[k](read), where, count], dim=-1))
+            where = attn @ coords[:, :self.where_dim]  # (B, H, 3), or (B, H, 0) without coordinates
+            memory.append(torch.cat([self.outs[k](read), where.reshape(B, H * self.where_dim), count], dim=-1))
             weights.append(attn)
             if self.distance_bias:
-                points.append(attn @ coords[:, :2])  # (B, H, 2)
+                points.append(where[..., :2] if self.coordinates else attn @ coords[:, :2])  # (B, H, 2)
         return self.readout(torch.cat(memory, dim=-1)), torch.stack(weights, dim=2)  # (B, dim), (B, H, hops, N)
 
     def _distance_term(self, control: Tensor, points: Tensor, coords: Tensor, k: int) -> Tensor:
