@@ -268,13 +268,10 @@ def test_film_hops_condition_each_hop_on_the_ones_before():
 
 
 
-def test_multi_hop_reads_positions_and_counts_from_its_weights():
-    """Each hop's read carries, per head, the attention-weighted grid coordinates (exactly) and the
-    sigmoid sum of the logits; a first hop that lands on one token hands its position to the second."""
-    torch.manual_seed(0)
-    reader = MultiHopReader(IMAGE_DIM, TEXT_DIM, dim=DIM, num_heads=HEADS, hops=2).eval()
-    image, text = torch.randn(1, 9, IMAGE_DIM), torch.randn(1, 2, TEXT_DIM)
-    with torch.no_grad():  # hop 1: every head's logits = 50 * (feature 0 of the token), feature 0 one-hot at token 7
+def _land_hop_one_on_token_7(reader: MultiHopReader, image: torch.Tensor) -> None:
+    """Set ``reader`` and the (1, 9, IMAGE_DIM) ``image`` so that every head of hop 1 has logits
+    50 * (feature 0 of the token), feature 0 one-hot at token 7: hop 1 lands on token 7."""
+    with torch.no_grad():
         image[..., 0] = 0.0
         image[0, 7, 0] = 1.0
         reader.image[0].weight.zero_()
@@ -285,6 +282,15 @@ def test_multi_hop_reads_positions_and_counts_from_its_weights():
         reader.keys.weight[:DIM, 0] = 1.0  # hop 1's keys: unit 0 in every head dimension
         reader.queries[0].weight.zero_()
         reader.queries[0].bias.fill_(50.0)
+
+
+def test_multi_hop_reads_positions_and_counts_from_its_weights():
+    """Each hop's read carries, per head, the attention-weighted grid coordinates (exactly) and the
+    sigmoid sum of the logits; a first hop that lands on one token hands its position to the second."""
+    torch.manual_seed(0)
+    reader = MultiHopReader(IMAGE_DIM, TEXT_DIM, dim=DIM, num_heads=HEADS, hops=2).eval()
+    image, text = torch.randn(1, 9, IMAGE_DIM), torch.randn(1, 2, TEXT_DIM)
+    _land_hop_one_on_token_7(reader, image)
     _, weights = reader(image, text)
     assert weights.shape == (1, HEADS, 2, 9)
     assert weights[0, :, 0, 7].min() > 0.999  # every head of hop 1 is on token 7
@@ -316,17 +322,8 @@ def test_multi_hop_distance_bias_scores_tokens_by_their_distance_from_an_earlier
     assert not unexpected and {k.split(".")[0] for k in missing} == {"reference", "distance_scale"}
     image, text = torch.randn(1, 9, IMAGE_DIM), torch.randn(1, 2, TEXT_DIM)
     assert_close(reader(image, text), plain(image, text))
-    with torch.no_grad():  # hop 1 lands on token 7 (as in the test above); hop 2's own query reads nothing
-        image[..., 0] = 0.0
-        image[0, 7, 0] = 1.0
-        reader.image[0].weight.zero_()
-        reader.image[0].weight[0, 0] = 1.0
-        reader.coord_keys.weight.zero_()
-        reader.keys.weight.zero_()
-        reader.keys.bias.zero_()
-        reader.keys.weight[:DIM, 0] = 1.0
-        reader.queries[0].weight.zero_()
-        reader.queries[0].bias.fill_(50.0)
+    _land_hop_one_on_token_7(reader, image)
+    with torch.no_grad():  # hop 2's own query reads nothing
         reader.queries[1].weight.zero_()
         reader.queries[1].bias.zero_()
     centre = grid_coordinates(9)[7, :2]  # (0, 2/3): bottom row, middle column
